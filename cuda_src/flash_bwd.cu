@@ -1,0 +1,516 @@
+// Attention backward (FlashAttention-2 algorithm on mma.sync tensor cores).
+//
+// Probabilities are recomputed from Q, K and the forward's LSE; nothing of size N^2 is
+// stored (except the optional dense bias gradient). Four kernels:
+//
+//   cuflash_bwd_prep     Dsum = rowsum(dO * O), LSE in log2 units (+inf for rows with no
+//                        allowed key, so exp2(s - lse) = 0 there), dQ accumulator zeroed.
+//   cuflash_bwd_dkdv     one block per (batch, kv head, key tile): K, V stay in shared
+//                        memory; for every query head of the group and every query tile
+//                          S = Q Kᵀ, dP = dO Vᵀ, P = exp2(S - lse), dS = P (dP - Dsum)
+//                          dV += Pᵀ dO, dK += dSᵀ Q, and (atomic mode) dQ += dS K into an
+//                        fp32 accumulator with red.add.
+//   cuflash_bwd_dq       deterministic mode: one block per (batch, head, query tile) walks
+//                        the key tiles and accumulates dQ = dS K in registers (no atomics).
+//   cuflash_bwd_dq_convert  atomic mode: dQ accumulator * scale -> dQ in the input dtype.
+//
+// Dropout multiplies P and dP by keep / (1 - p), with the keep mask regenerated from the
+// same Philox counters as the forward. The softcap derivative (1 - tanh^2) and the bias
+// gradient (dS itself) are applied in the general variant only.
+//
+// Compile-time configuration (cuflash/_tiles.py): CF_ELEM, CF_HEAD_DIM, CF_GENERAL,
+// CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS (dK/dV kernel) and CF_DQ_BLOCK_M,
+// CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel).
+#include "common.cuh"
+#include "mask.cuh"
+#include "mma.cuh"
+#include "philox.cuh"
+#include "tile_io.cuh"
+
+#if CF_ELEM == 0
+typedef half_t ElemT;
+#elif CF_ELEM == 1
+typedef bf16_t ElemT;
+#else
+typedef float ElemT;
+#endif
+
+// Offset of row i's entry in the row workspaces (lse_log2, dsum) for (batch b, head h).
+CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
+    return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
+}
+
+// Recomputes P for one accumulator element and combines it with dP into dS.
+// x: raw q·k, returns dS (score-domain gradient times the softcap derivative) and sets
+// `p_out` to the (dropped, rescaled) probability that multiplies dO in dV.
+template <bool kGeneral>
+struct GradElem {
+    const Params& p;
+    const IndexMask& index_mask;
+    const ScoreMods& mods;
+    const SeqInfo& seq;
+    int b, h, bh;
+
+    CF_DEVICE float score(float qk, int i, int j, bool full, float& tanh_value) const {
+        if constexpr (kGeneral) {
+            const bool ok = i < seq.seqlen_q && index_mask.allowed(i, j);
+            return mods.apply(qk, i, j, ok, tanh_value);
+        } else {
+            tanh_value = 0.f;
+            const float x = qk * p.scale_log2;
+            return (full || index_mask.allowed(i, j)) ? x : -CF_INF;
+        }
+    }
+
+    // s[e], dp[e]: the four elements (i, j), (i, j+1), (i+8, j), (i+8, j+1) of an m16n8
+    // tile with i the tile's row g. On return s holds P for dV and dp holds dS.
+    CF_DEVICE void tile4(float (&s)[4], float (&dp)[4], int i, int j, bool full, const float (&lse2)[2],
+                         const float (&dsum)[2]) const {
+        bool keep[4] = {true, true, true, true};
+        const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
+        if (dropout) dropout_keep4(p, bh, i, j, keep);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
+            float th;
+            const float x = score(s[e], ii, jj, full, th);
+            const float prob = fast_exp2(x - lse2[r]);
+            float dprob = dp[e];
+            float pv = prob;
+            if (dropout) {
+                pv = keep[e] ? prob * p.dropout_scale : 0.f;
+                dprob = keep[e] ? dprob * p.dropout_scale : 0.f;
+            }
+            float ds = prob * (dprob - dsum[r]);
+            if constexpr (kGeneral) {
+                if ((p.flags & CF_WANT_DBIAS) && ii < seq.seqlen_q && jj < seq.seqlen_k)
+                    p.dbias_full[(i64)b * p.dbias_batch_stride + (i64)h * p.dbias_head_stride +
+                                 (i64)ii * p.dbias_row_stride + jj] = ds;
+                if (p.flags & CF_HAS_SOFTCAP) ds *= 1.f - th * th;
+            }
+            s[e] = pv;
+            dp[e] = ds;
+        }
+    }
+};
+
+// ---- preprocess --------------------------------------------------------------------------
+
+template <typename T, int kHeadDim>
+CF_DEVICE void bwd_prep(const Params& p) {
+    constexpr int kRows = 64, kWarps = 4;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int num_row_blocks = (p.seqlen_q + kRows - 1) / kRows;
+    const i64 linear = blockIdx.x;
+    const int row_block = (int)(linear % num_row_blocks);
+    const int bh = (int)(linear / num_row_blocks);
+    const int b = bh / p.num_heads, h = bh % p.num_heads;
+    const SeqInfo seq(p, b);
+    const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h);
+    const T* out = static_cast<const T*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
+    const float* lse = p.lse + seq.q_offset(p.lse_batch_stride, 1, p.lse_head_stride, b, h);
+    const i64 ws = ws_offset(p, seq, b, h);
+    for (int r = warp; r < kRows; r += kWarps) {
+        const int i = row_block * kRows + r;
+        if (i >= seq.seqlen_q) break;
+        float sum = 0.f;
+        for (int d = lane; d < p.head_dim; d += 32)
+            sum += to_float(dout[(i64)i * p.do_row_stride + d]) * to_float(out[(i64)i * p.o_row_stride + d]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) {
+            const float l = lse[i];
+            p.dsum[ws + i] = sum;
+            p.lse_log2[ws + i] = l == -CF_INF ? CF_INF : l * CF_LOG2E;
+        }
+        if (p.flags & CF_DQ_ATOMIC) {
+            float* acc = p.dq_accum + (ws + i) * kHeadDim;
+            for (int d = lane; d < kHeadDim; d += 32) acc[d] = 0.f;
+        }
+    }
+}
+
+// ---- dK, dV (and atomic dQ) --------------------------------------------------------------
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral>
+struct BwdKernel {
+    static constexpr int kThreads = kNWarps * 32;
+    static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;   // Q, dO, K, V tiles
+    static constexpr int kLdS = kBlockN + SmemPad<T>::kElems;   // P, dS tiles [kBlockM][kBlockN]
+    // S and dP (kBlockM x kBlockN): warps tile rows first, then columns.
+    static constexpr int kWmS = kNWarps < kBlockM / 16 ? kNWarps : kBlockM / 16;
+    static constexpr int kWnS = kNWarps / kWmS;
+    static constexpr int kMTs = kBlockM / kWmS / 16, kNTs = kBlockN / kWnS / 8;
+    // dK, dV (kBlockN x kHeadDim).
+    static constexpr int kWnKV = kNWarps < kBlockN / 16 ? kNWarps : kBlockN / 16;
+    static constexpr int kWdKV = kNWarps / kWnKV;
+    static constexpr int kMTkv = kBlockN / kWnKV / 16, kDTkv = kHeadDim / kWdKV / 8;
+    // dQ (kBlockM x kHeadDim).
+    static constexpr int kWmQ = kWmS, kWdQ = kNWarps / kWmQ;
+    static constexpr int kMTq = kBlockM / kWmQ / 16, kDTq = kHeadDim / kWdQ / 8;
+    static_assert(kWmS * kWnS == kNWarps && kWnKV * kWdKV == kNWarps, "warp layout");
+    static_assert(kNTs % 2 == 0 && kDTkv % 2 == 0 && kDTq % 2 == 0, "B fragments load in pairs of n8 tiles");
+    static constexpr int kSmemBytes =
+        (2 * kBlockN * kLd + 2 * kBlockM * kLd + 2 * kBlockM * kLdS) * (int)sizeof(T) + 2 * kBlockM * 4;
+
+    static CF_DEVICE void run(const Params& p, char* smem) {
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int g = lane >> 2, t = lane & 3;
+        const i64 linear = blockIdx.x;
+        const int n_block = (int)(linear % p.num_n_blocks);
+        const int bhk = (int)(linear / p.num_n_blocks);
+        const int b = bhk / p.num_heads_kv, hk = bhk % p.num_heads_kv;
+        const SeqInfo seq(p, b);
+        const int n0 = n_block * kBlockN;
+        if (n0 >= seq.seqlen_k) return;
+        const int rows_k = min(kBlockN, seq.seqlen_k - n0);
+        const IndexMask index_mask(p, seq);
+        const int group = p.num_heads / p.num_heads_kv;
+
+        T* sK = reinterpret_cast<T*>(smem);
+        T* sV = sK + kBlockN * kLd;
+        T* sQ = sV + kBlockN * kLd;
+        T* sdO = sQ + kBlockM * kLd;
+        T* sP = sdO + kBlockM * kLd;
+        T* sdS = sP + kBlockM * kLdS;
+        float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdS);
+        float* sDsum = sLse + kBlockM;
+
+        const T* k = static_cast<const T*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk) +
+                     (i64)n0 * p.k_row_stride;
+        const T* v = static_cast<const T*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk) +
+                     (i64)n0 * p.v_row_stride;
+        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k, p.k_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_K, tid);
+        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, v, p.v_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_V, tid);
+        cp_async_commit();
+
+        // This warp's sub-tiles.
+        const int s_r0 = (warp % kWmS) * (kBlockM / kWmS), s_c0 = (warp / kWmS) * (kBlockN / kWnS);
+        const int kv_r0 = (warp % kWnKV) * (kBlockN / kWnKV), kv_d0 = (warp / kWnKV) * (kHeadDim / kWdKV);
+        const int q_r0 = (warp % kWmQ) * (kBlockM / kWmQ), q_d0 = (warp / kWmQ) * (kHeadDim / kWdQ);
+
+        float acc_dk[kMTkv][kDTkv][4], acc_dv[kMTkv][kDTkv][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTkv; ++mt)
+#pragma unroll
+            for (int dt = 0; dt < kDTkv; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_dk[mt][dt][e] = acc_dv[mt][dt][e] = 0.f;
+
+        int m_lo, m_hi;
+        index_mask.query_blocks(n0, kBlockN, kBlockM, m_lo, m_hi);
+
+        for (int h = hk * group; h < (hk + 1) * group; ++h) {
+            const ScoreMods mods(p, seq, b, h);
+            const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, b * p.num_heads + h};
+            const T* q = static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h);
+            const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h);
+            const i64 ws = ws_offset(p, seq, b, h);
+
+            for (int m_block = m_lo; m_block < m_hi; ++m_block) {
+                const int m0 = m_block * kBlockM;
+                const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+                __syncthreads();  // the previous tile's readers of sQ, sdO, sP, sdS are done
+                load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ, q + (i64)m0 * p.q_row_stride, p.q_row_stride, rows_q,
+                                                               p.head_dim, p.aligned & CF_ALIGN_Q, tid);
+                load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO, dout + (i64)m0 * p.do_row_stride, p.do_row_stride,
+                                                               rows_q, p.head_dim, p.aligned & CF_ALIGN_DO, tid);
+                cp_async_commit();
+                for (int r = tid; r < kBlockM; r += kThreads) {
+                    const bool in = r < rows_q;
+                    sLse[r] = in ? p.lse_log2[ws + m0 + r] : CF_INF;  // +inf: P = 0 on padded rows
+                    sDsum[r] = in ? p.dsum[ws + m0 + r] : 0.f;
+                }
+                cp_async_wait<0>();
+                __syncthreads();
+
+                // S = Q Kᵀ and dP = dO Vᵀ for this warp's sub-tile.
+                float s[kMTs][kNTs][4], dp[kMTs][kNTs][4];
+#pragma unroll
+                for (int mt = 0; mt < kMTs; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < kNTs; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+                    FragA<T> aq[kMTs], ado[kMTs];
+#pragma unroll
+                    for (int mt = 0; mt < kMTs; ++mt) {
+                        load_a<T, kLd>(aq[mt], sQ, s_r0 + mt * 16, kk * 16, lane);
+                        load_a<T, kLd>(ado[mt], sdO, s_r0 + mt * 16, kk * 16, lane);
+                    }
+#pragma unroll
+                    for (int np = 0; np < kNTs / 2; ++np) {
+                        FragB<T> b0, b1;
+                        load_b2<T, kLd>(b0, b1, sK, s_c0 + np * 16, kk * 16, lane);
+#pragma unroll
+                        for (int mt = 0; mt < kMTs; ++mt) {
+                            mma(s[mt][2 * np], aq[mt], b0);
+                            mma(s[mt][2 * np + 1], aq[mt], b1);
+                        }
+                        load_b2<T, kLd>(b0, b1, sV, s_c0 + np * 16, kk * 16, lane);
+#pragma unroll
+                        for (int mt = 0; mt < kMTs; ++mt) {
+                            mma(dp[mt][2 * np], ado[mt], b0);
+                            mma(dp[mt][2 * np + 1], ado[mt], b1);
+                        }
+                    }
+                }
+
+                // P and dS, then both to shared memory for the transposed products.
+                const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+#pragma unroll
+                for (int mt = 0; mt < kMTs; ++mt) {
+                    const int r = s_r0 + mt * 16 + g;
+                    const float lse2[2] = {sLse[r], sLse[r + 8]};
+                    const float dsum[2] = {sDsum[r], sDsum[r + 8]};
+#pragma unroll
+                    for (int nt = 0; nt < kNTs; ++nt)
+                        grad.tile4(s[mt][nt], dp[mt][nt], m0 + r, n0 + s_c0 + nt * 8 + 2 * t, full, lse2, dsum);
+                    store_acc<T, kLdS>(sP, s[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
+                    store_acc<T, kLdS>(sdS, dp[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
+                }
+                __syncthreads();
+
+                // dV += Pᵀ dO and dK += dSᵀ Q (contraction over the tile's queries).
+#pragma unroll
+                for (int kk = 0; kk < kBlockM / 16; ++kk) {
+                    FragA<T> ap[kMTkv], ads[kMTkv];
+#pragma unroll
+                    for (int mt = 0; mt < kMTkv; ++mt) {
+                        load_a_t<T, kLdS>(ap[mt], sP, kv_r0 + mt * 16, kk * 16, lane);
+                        load_a_t<T, kLdS>(ads[mt], sdS, kv_r0 + mt * 16, kk * 16, lane);
+                    }
+#pragma unroll
+                    for (int dp2 = 0; dp2 < kDTkv / 2; ++dp2) {
+                        FragB<T> b0, b1;
+                        load_b2_t<T, kLd>(b0, b1, sdO, kv_d0 + dp2 * 16, kk * 16, lane);
+#pragma unroll
+                        for (int mt = 0; mt < kMTkv; ++mt) {
+                            mma(acc_dv[mt][2 * dp2], ap[mt], b0);
+                            mma(acc_dv[mt][2 * dp2 + 1], ap[mt], b1);
+                        }
+                        load_b2_t<T, kLd>(b0, b1, sQ, kv_d0 + dp2 * 16, kk * 16, lane);
+#pragma unroll
+                        for (int mt = 0; mt < kMTkv; ++mt) {
+                            mma(acc_dk[mt][2 * dp2], ads[mt], b0);
+                            mma(acc_dk[mt][2 * dp2 + 1], ads[mt], b1);
+                        }
+                    }
+                }
+
+                if (p.flags & CF_DQ_ATOMIC) {
+                    // dQ += dS K (contraction over the tile's keys), added into fp32.
+                    float acc_dq[kMTq][kDTq][4];
+#pragma unroll
+                    for (int mt = 0; mt < kMTq; ++mt)
+#pragma unroll
+                        for (int dt = 0; dt < kDTq; ++dt)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
+#pragma unroll
+                    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                        FragA<T> a[kMTq];
+#pragma unroll
+                        for (int mt = 0; mt < kMTq; ++mt) load_a<T, kLdS>(a[mt], sdS, q_r0 + mt * 16, kk * 16, lane);
+#pragma unroll
+                        for (int dp2 = 0; dp2 < kDTq / 2; ++dp2) {
+                            FragB<T> b0, b1;
+                            load_b2_t<T, kLd>(b0, b1, sK, q_d0 + dp2 * 16, kk * 16, lane);
+#pragma unroll
+                            for (int mt = 0; mt < kMTq; ++mt) {
+                                mma(acc_dq[mt][2 * dp2], a[mt], b0);
+                                mma(acc_dq[mt][2 * dp2 + 1], a[mt], b1);
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < kMTq; ++mt)
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int row = q_r0 + mt * 16 + g + 8 * r;
+                            if (row < rows_q) {
+                                float* acc = p.dq_accum + (ws + m0 + row) * kHeadDim + q_d0 + 2 * t;
+#pragma unroll
+                                for (int dt = 0; dt < kDTq; ++dt) {
+                                    atomicAdd(acc + dt * 8, acc_dq[mt][dt][2 * r]);
+                                    atomicAdd(acc + dt * 8 + 1, acc_dq[mt][dt][2 * r + 1]);
+                                }
+                            }
+                        }
+                }
+            }
+        }
+
+        // Epilogue: dK (times the softmax scale) and dV through shared memory.
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < kMTkv; ++mt) {
+            store_acc<T, kLd>(sK, acc_dk[mt], kv_r0 + mt * 16, kv_d0, lane, p.softmax_scale);
+            store_acc<T, kLd>(sV, acc_dv[mt], kv_r0 + mt * 16, kv_d0, lane, 1.f);
+        }
+        __syncthreads();
+        T* dk = static_cast<T*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, hk) +
+                (i64)n0 * p.dk_row_stride;
+        T* dv = static_cast<T*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, hk) +
+                (i64)n0 * p.dv_row_stride;
+        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(dk, p.dk_row_stride, sK, rows_k, p.head_dim, p.aligned & CF_ALIGN_DK, tid);
+        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(dv, p.dv_row_stride, sV, rows_k, p.head_dim, p.aligned & CF_ALIGN_DV, tid);
+    }
+};
+
+// ---- deterministic dQ ----------------------------------------------------------------------
+
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral>
+struct DqKernel {
+    static constexpr int kThreads = kNWarps * 32;
+    static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;
+    static constexpr int kDT = kHeadDim / 8, kNT = kBlockN / 8;
+    static_assert(kBlockM == 16 * kNWarps, "each warp owns 16 query rows");
+    static constexpr int kSmemBytes = (2 * kBlockM + 2 * kBlockN) * kLd * (int)sizeof(T);
+
+    static CF_DEVICE void run(const Params& p, char* smem) {
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int g = lane >> 2, t = lane & 3;
+        const i64 linear = blockIdx.x;
+        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
+        const int bh = (int)(linear / p.num_m_blocks);
+        const int b = bh / p.num_heads, h = bh % p.num_heads;
+        const SeqInfo seq(p, b);
+        const int m0 = m_block * kBlockM;
+        if (m0 >= seq.seqlen_q) return;
+        const int hk = h / (p.num_heads / p.num_heads_kv);
+        const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+        const IndexMask index_mask(p, seq);
+        const ScoreMods mods(p, seq, b, h);
+        const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, bh};
+
+        T* sQ = reinterpret_cast<T*>(smem);
+        T* sdO = sQ + kBlockM * kLd;
+        T* sK = sdO + kBlockM * kLd;
+        T* sV = sK + kBlockN * kLd;
+        const T* q = static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h) +
+                     (i64)m0 * p.q_row_stride;
+        const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h) +
+                        (i64)m0 * p.do_row_stride;
+        const T* k = static_cast<const T*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk);
+        const T* v = static_cast<const T*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk);
+        load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ, q, p.q_row_stride, rows_q, p.head_dim, p.aligned & CF_ALIGN_Q, tid);
+        load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO, dout, p.do_row_stride, rows_q, p.head_dim, p.aligned & CF_ALIGN_DO, tid);
+        cp_async_commit();
+
+        const i64 ws = ws_offset(p, seq, b, h);
+        const int row_g = warp * 16 + g;  // local rows row_g and row_g + 8
+        float lse2[2], dsum[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = row_g + 8 * r;
+            lse2[r] = row < rows_q ? p.lse_log2[ws + m0 + row] : CF_INF;
+            dsum[r] = row < rows_q ? p.dsum[ws + m0 + row] : 0.f;
+        }
+
+        float acc_dq[kDT][4];
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) acc_dq[dt][0] = acc_dq[dt][1] = acc_dq[dt][2] = acc_dq[dt][3] = 0.f;
+
+        int n_lo, n_hi;
+        index_mask.key_blocks(m0, kBlockM, kBlockN, n_lo, n_hi);
+        for (int n_block = n_lo; n_block < n_hi; ++n_block) {
+            const int n0 = n_block * kBlockN;
+            const int rows_k = min(kBlockN, seq.seqlen_k - n0);
+            __syncthreads();  // every warp is done with the previous K, V
+            load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k + (i64)n0 * p.k_row_stride, p.k_row_stride, rows_k,
+                                                           p.head_dim, p.aligned & CF_ALIGN_K, tid);
+            load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, v + (i64)n0 * p.v_row_stride, p.v_row_stride, rows_k,
+                                                           p.head_dim, p.aligned & CF_ALIGN_V, tid);
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+
+            float s[kNT][4], dp[kNT][4];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+                FragA<T> aq, ado;
+                load_a<T, kLd>(aq, sQ, warp * 16, kk * 16, lane);
+                load_a<T, kLd>(ado, sdO, warp * 16, kk * 16, lane);
+#pragma unroll
+                for (int np = 0; np < kNT / 2; ++np) {
+                    FragB<T> b0, b1;
+                    load_b2<T, kLd>(b0, b1, sK, np * 16, kk * 16, lane);
+                    mma(s[2 * np], aq, b0);
+                    mma(s[2 * np + 1], aq, b1);
+                    load_b2<T, kLd>(b0, b1, sV, np * 16, kk * 16, lane);
+                    mma(dp[2 * np], ado, b0);
+                    mma(dp[2 * np + 1], ado, b1);
+                }
+            }
+            const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) grad.tile4(s[nt], dp[nt], m0 + row_g, n0 + nt * 8 + 2 * t, full, lse2, dsum);
+            // dQ += dS K, dS straight from registers.
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                FragA<T> a;
+                acc_to_a<T>(a, dp, kk);
+#pragma unroll
+                for (int dp2 = 0; dp2 < kDT / 2; ++dp2) {
+                    FragB<T> b0, b1;
+                    load_b2_t<T, kLd>(b0, b1, sK, dp2 * 16, kk * 16, lane);
+                    mma(acc_dq[2 * dp2], a, b0);
+                    mma(acc_dq[2 * dp2 + 1], a, b1);
+                }
+            }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads();
+        store_acc<T, kLd>(sQ, acc_dq, warp * 16, 0, lane, p.softmax_scale);
+        __syncthreads();
+        T* dq = static_cast<T*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h) +
+                (i64)m0 * p.dq_row_stride;
+        store_tile<T, kBlockM, kHeadDim, kLd, kThreads>(dq, p.dq_row_stride, sQ, rows_q, p.head_dim, p.aligned & CF_ALIGN_DQ, tid);
+    }
+};
+
+// ---- dQ accumulator to dQ ------------------------------------------------------------------
+
+template <typename T, int kHeadDim>
+CF_DEVICE void dq_convert(const Params& p) {
+    constexpr int kRows = 32;
+    const int num_row_blocks = (p.seqlen_q + kRows - 1) / kRows;
+    const i64 linear = blockIdx.x;
+    const int row_block = (int)(linear % num_row_blocks);
+    const int bh = (int)(linear / num_row_blocks);
+    const int b = bh / p.num_heads, h = bh % p.num_heads;
+    const SeqInfo seq(p, b);
+    const i64 ws = ws_offset(p, seq, b, h);
+    T* dq = static_cast<T*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h);
+    for (int idx = threadIdx.x; idx < kRows * p.head_dim; idx += blockDim.x) {
+        const int i = row_block * kRows + idx / p.head_dim, d = idx % p.head_dim;
+        if (i < seq.seqlen_q) dq[(i64)i * p.dq_row_stride + d] = from_float<T>(p.dq_accum[(ws + i) * kHeadDim + d] * p.softmax_scale);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_prep(const __grid_constant__ Params p) {
+    bwd_prep<ElemT, CF_HEAD_DIM>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(CF_BWD_WARPS * 32) cuflash_bwd_dkdv(const __grid_constant__ Params p) {
+    extern __shared__ __align__(128) char smem[];
+    BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0>::run(p, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(CF_DQ_WARPS * 32) cuflash_bwd_dq(const __grid_constant__ Params p) {
+    extern __shared__ __align__(128) char smem[];
+    DqKernel<ElemT, CF_HEAD_DIM, CF_DQ_BLOCK_M, CF_DQ_BLOCK_N, CF_DQ_WARPS, CF_GENERAL != 0>::run(p, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_dq_convert(const __grid_constant__ Params p) {
+    dq_convert<ElemT, CF_HEAD_DIM>(p);
+}

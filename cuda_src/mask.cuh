@@ -1,0 +1,147 @@
+// Which keys a query may attend, and the score modifiers.
+//
+// Index rules (causal, sliding window, sequence ends) decide which tiles run at all and
+// which need per-element masking: a tile strictly inside the allowed band runs with no
+// mask arithmetic. Disallowed scores become -inf, never a large negative number: a finite
+// sentinel leaks probability mass into rows whose every key is masked and breaks the
+// "fully masked row gives 0" promise.
+#pragma once
+#include "common.cuh"
+
+// One sequence of the batch: its lengths, where its rows start in a packed (varlen)
+// batch, and its diagonal (the key aligned with query 0).
+struct SeqInfo {
+    int seqlen_q, seqlen_k;
+    i64 q_row0, k_row0;
+    int diag;
+
+    CF_DEVICE SeqInfo(const Params& p, int b) {
+        if (p.flags & CF_IS_VARLEN) {
+            const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+            q_row0 = q0;
+            k_row0 = k0;
+            seqlen_q = p.cu_seqlens_q[b + 1] - q0;
+            seqlen_k = p.cu_seqlens_k[b + 1] - k0;
+        } else {
+            q_row0 = k_row0 = 0;
+            seqlen_q = p.seqlen_q;
+            seqlen_k = p.seqlen_k;
+        }
+        diag = p.bottom_right ? seqlen_k - seqlen_q : 0;
+    }
+
+    // Element offset of (row 0, head h) of a tensor in batch b. A packed (varlen) batch
+    // has batch stride 0 (set by the host) and starts at the sequence's first packed row.
+    CF_DEVICE i64 q_offset(i64 batch_stride, i64 row_stride, i64 head_stride, int b, int h) const {
+        return q_row0 * row_stride + (i64)b * batch_stride + (i64)h * head_stride;
+    }
+    CF_DEVICE i64 k_offset(i64 batch_stride, i64 row_stride, i64 head_stride, int b, int h) const {
+        return k_row0 * row_stride + (i64)b * batch_stride + (i64)h * head_stride;
+    }
+};
+
+// Causal and sliding-window limits. left/right < 0 mean unbounded; the host folds
+// `causal` into right = 0.
+struct IndexMask {
+    int seqlen_q, seqlen_k, diag, left, right;
+
+    CF_DEVICE IndexMask(const Params& p, const SeqInfo& s)
+        : seqlen_q(s.seqlen_q), seqlen_k(s.seqlen_k), diag(s.diag), left(p.window_left), right(p.window_right) {}
+
+    CF_DEVICE bool allowed(int i, int j) const {
+        const i64 d = (i64)i + diag;
+        return j < seqlen_k && (right < 0 || j <= d + right) && (left < 0 || j >= d - left);
+    }
+
+    // Key blocks [lo, hi) that rows [m0, m0 + M) may attend.
+    CF_DEVICE void key_blocks(int m0, int M, int N, int& lo, int& hi) const {
+        hi = (seqlen_k + N - 1) / N;
+        lo = 0;
+        if (right >= 0) {
+            const i64 last_row = (i64)min(m0 + M, seqlen_q) - 1;
+            const i64 max_key = last_row + diag + right;
+            hi = (int)min((i64)hi, floor_div(max_key, N) + 1);
+        }
+        if (left >= 0) {
+            const i64 min_key = (i64)m0 + diag - left;
+            lo = (int)max((i64)0, floor_div(min_key, N));
+        }
+    }
+
+    // Query blocks [lo, hi) that may attend keys [n0, n0 + N).
+    CF_DEVICE void query_blocks(int n0, int N, int M, int& lo, int& hi) const {
+        hi = (seqlen_q + M - 1) / M;
+        lo = 0;
+        if (right >= 0) {
+            const i64 first_row = (i64)n0 - diag - right;
+            lo = (int)max((i64)0, floor_div(first_row, M));
+        }
+        if (left >= 0) {
+            const i64 last_key = (i64)min(n0 + N, seqlen_k) - 1;
+            const i64 last_row = last_key - diag + left;
+            hi = (int)min((i64)hi, floor_div(last_row, M) + 1);
+        }
+    }
+
+    // True when every (i, j) of the tile is allowed, so no element needs masking.
+    CF_DEVICE bool tile_is_full(int m0, int M, int n0, int N) const {
+        if (n0 + N > seqlen_k) return false;
+        if (right >= 0 && (i64)n0 + N - 1 > (i64)m0 + diag + right) return false;
+        if (left >= 0 && (i64)n0 < (i64)m0 + M - 1 + diag - left) return false;
+        return true;
+    }
+};
+
+// The general variant's score modifiers for one (batch, head) of one sequence.
+struct ScoreMods {
+    int flags, diag;
+    float scale, softcap, inv_softcap, slope;
+    const void* bias;
+    const unsigned char* mask;
+    i64 bias_row_stride, bias_col_stride, mask_row_stride, mask_col_stride;
+
+    CF_DEVICE ScoreMods(const Params& p, const SeqInfo& s, int b, int h) {
+        flags = p.flags;
+        diag = s.diag;
+        scale = p.softmax_scale;
+        softcap = p.softcap;
+        inv_softcap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
+        slope = (flags & CF_HAS_ALIBI) ? p.alibi[(i64)b * p.alibi_batch_stride + h] : 0.f;
+        bias = p.bias;
+        mask = p.mask;
+        if (flags & CF_HAS_BIAS) {
+            const int elem = (flags & CF_BIAS_IS_F32) ? 4 : 2;
+            bias = static_cast<const char*>(p.bias) +
+                   elem * ((i64)b * p.bias_batch_stride + (i64)h * p.bias_head_stride);
+        }
+        if (flags & CF_HAS_MASK) mask = p.mask + (i64)b * p.mask_batch_stride + (i64)h * p.mask_head_stride;
+        bias_row_stride = p.bias_row_stride;
+        bias_col_stride = p.bias_col_stride;
+        mask_row_stride = p.mask_row_stride;
+        mask_col_stride = p.mask_col_stride;
+    }
+
+    CF_DEVICE float bias_at(int i, int j) const {
+        const i64 at = (i64)i * bias_row_stride + (i64)j * bias_col_stride;
+        if (flags & CF_BIAS_IS_F32) return static_cast<const float*>(bias)[at];
+        if (flags & CF_BIAS_IS_BF16) return to_float(static_cast<const bf16_t*>(bias)[at]);
+        return to_float(static_cast<const half_t*>(bias)[at]);
+    }
+
+    // The score of (i, j) in log2 units from the raw product qk, or -inf when (i, j) is
+    // disallowed (`index_ok` false, which also keeps the bias and mask reads in bounds).
+    // `tanh_out` receives tanh(x / softcap), which the softcap gradient needs.
+    CF_DEVICE float apply(float qk, int i, int j, bool index_ok, float& tanh_out) const {
+        float x = qk * scale;
+        tanh_out = 0.f;
+        if (flags & CF_HAS_SOFTCAP) {
+            tanh_out = tanhf(x * inv_softcap);
+            x = softcap * tanh_out;
+        }
+        if (!index_ok) return -CF_INF;
+        if (flags & CF_HAS_ALIBI) x -= slope * fabsf((float)((i64)i + diag - j));
+        if (flags & CF_HAS_BIAS) x += bias_at(i, j);
+        if ((flags & CF_HAS_MASK) && !mask[(i64)i * mask_row_stride + (i64)j * mask_col_stride]) return -CF_INF;
+        return x * CF_LOG2E;
+    }
+};

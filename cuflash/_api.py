@@ -1,0 +1,252 @@
+"""The framework-agnostic API: attention, forward, backward.
+
+Each call runs the data path once: import (zero-copy) → validate → (host: float64
+reference | CUDA: params → kernel variant → build → launch) → results in the caller's type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _interop, _validate, reference
+from ._interop import ArrayRef, Device, InteropError
+from ._options import Options, make_options
+
+_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k")
+
+
+class _Call:
+    """Everything one call needs, after import and validation."""
+
+    def __init__(self, where: str, arrays: dict[str, Any], opts: Options):
+        self.where = where
+        reasons: list[str] = []
+        devices: dict[str, Device] = {}
+        for name, obj in arrays.items():
+            try:
+                devices[name] = _interop.device_of(obj)
+            except InteropError as exc:
+                reasons.append(f"{name}: {exc}")
+        if reasons:
+            raise _validate.ValidationError(where, reasons, [])
+        self.device = devices["q"]
+        self.on_host = self.device.kind == "cpu"
+        self.stream = None
+        if not self.on_host:
+            _require_cupy(where)
+            self.stream = _interop.caller_stream(arrays["q"], self.device)
+        self.refs: dict[str, ArrayRef] = {
+            name: _interop.import_array(name, obj, self.stream) for name, obj in arrays.items()
+        }
+        self.option_refs: dict[str, ArrayRef] = {}
+        for name in _ARRAY_OPTIONS:
+            value = getattr(opts, name)
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple)):
+                value = self._upload(np.asarray(value, dtype=np.int32 if name.startswith("cu_") else np.float32))
+            try:
+                self.option_refs[name] = _interop.import_array(name, value, self.stream)
+            except InteropError as exc:
+                reasons.append(f"{name}: {exc}")
+        if reasons:
+            raise _validate.ValidationError(where, reasons, list(self.refs.values()))
+        self.opts = opts
+        self.dims = _validate.check(where, self.refs, opts, self.option_refs)
+
+    def _upload(self, host: np.ndarray) -> Any:
+        """Sequences given for small option arrays go to the computing device."""
+        if self.on_host:
+            return host
+        import cupy
+
+        with _interop.on_device(self.device, self.stream):
+            return cupy.asarray(host)
+
+    @property
+    def q(self) -> ArrayRef:
+        return self.refs["q"]
+
+    def option_view(self, name: str) -> Any:
+        ref = self.option_refs.get(name)
+        return None if ref is None else ref.view
+
+    def reference_options(self) -> dict[str, Any]:
+        """The options as the float64 reference takes them, arrays as host views."""
+        o = self.opts
+        return dict(
+            softmax_scale=o.softmax_scale,
+            causal=o.causal,
+            causal_alignment=o.causal_alignment,
+            window_size=o.window_size,
+            softcap=o.softcap,
+            alibi_slopes=self.option_view("alibi_slopes"),
+            bias=self.option_view("bias"),
+            mask=self.option_view("mask"),
+            dropout_p=o.dropout_p,
+            seed=o.seed,
+            cu_seqlens_q=self.option_view("cu_seqlens_q"),
+            cu_seqlens_k=self.option_view("cu_seqlens_k"),
+            max_seqlen_q=self.dims.seqlen_q if o.is_varlen else None,
+            max_seqlen_k=self.dims.seqlen_k if o.is_varlen else None,
+            layout=o.layout,
+        )
+
+    def lse_dtype(self) -> np.dtype:
+        if self.on_host and self.q.dtype == np.float64:
+            return np.dtype(np.float64)
+        return np.dtype(np.float32)
+
+
+def _require_cupy(where: str) -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"{where}: CUDA arrays need CuPy; install cuflash with the cuda12 or cuda13 extra "
+            "(pip install 'cuflash[cuda12]')"
+        ) from exc
+
+
+def _needs_seed(where: str, opts: Options) -> None:
+    if opts.dropout_p > 0 and opts.seed is None:
+        raise _validate.ValidationError(
+            where,
+            [f"seed=None with dropout_p={opts.dropout_p}: give a seed so that the backward regenerates the same dropout mask"],
+            [],
+        )
+
+
+def forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+) -> tuple[Any, Any]:
+    """Exact attention forward. Returns (out, lse) in the caller's array type.
+
+    out has q's shape and dtype; lse (float32; float64 for float64 host inputs) has shape
+    (batch, num_heads, seqlen_q), or (num_heads, total_q) for a variable-length batch, and
+    is -inf on rows that attend to no key. See README.md for every option's meaning."""
+    opts = make_options(**{k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")})
+    _needs_seed("cuflash.forward", opts)
+    return _forward(_Call("cuflash.forward", dict(q=q, k=k, v=v), opts))
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+) -> Any:
+    """Exact attention: softmax(q kᵀ · scale + modifiers) v, returned in q's array type.
+
+    With dropout_p > 0 and no seed, a fresh random seed is drawn."""
+    opts = make_options(**{k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")})
+    if opts.dropout_p > 0 and opts.seed is None:
+        opts = opts.replace(seed=int(np.random.default_rng().integers(0, 2**63)))
+    out, _ = _forward(_Call("cuflash.attention", dict(q=q, k=k, v=v), opts))
+    return out
+
+
+def backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+) -> tuple[Any, ...]:
+    """Gradients of exact attention given the forward's out and lse.
+
+    Returns (dq, dk, dv), and (dq, dk, dv, dbias) when a bias is given, in the caller's
+    array type. The options must be those of the forward call."""
+    opts = make_options(
+        **{k_: v_ for k_, v_ in locals().items() if k_ not in ("dout", "q", "k", "v", "out", "lse")}
+    )
+    _needs_seed("cuflash.backward", opts)
+    call = _Call("cuflash.backward", dict(q=q, k=k, v=v, dout=dout, out=out, lse=lse), opts)
+    return _backward(call)
+
+
+def _forward(call: _Call) -> tuple[Any, Any]:
+    q = call.q
+    if call.on_host:
+        out64, lse64 = reference.forward(
+            q.view, call.refs["k"].view, call.refs["v"].view, **call.reference_options()
+        )
+        out = out64.astype(q.dtype)
+        lse = lse64.astype(call.lse_dtype())
+        return _interop.to_caller(out, q), _interop.to_caller(lse, q)
+    from . import _launch
+
+    return _launch.forward(call)
+
+
+def _backward(call: _Call) -> tuple[Any, ...]:
+    q = call.q
+    if call.on_host:
+        r = call.refs
+        grads = reference.backward(
+            r["dout"].view, q.view, r["k"].view, r["v"].view, r["out"].view, r["lse"].view,
+            **call.reference_options(),
+        )
+        results = []
+        for grad, like in zip(grads, ("q", "k", "v", "bias")):
+            ref = r[like] if like != "bias" else call.option_refs["bias"]
+            results.append(_interop.to_caller(grad.astype(ref.dtype), ref))
+        return tuple(results)
+    from . import _launch
+
+    return _launch.backward(call)

@@ -1,0 +1,185 @@
+"""Run-time compilation of cuda_src/ with NVRTC, cached on disk under our own key.
+
+CuPy's own kernel cache keys on the main source text only, so an edited header would
+silently reuse a stale binary. Here the key hashes every file under cuda_src/, the
+kernel file, the preprocessor defines, the options, the NVRTC version and the target
+arch. Cubins live in $CUFLASH_CACHE_DIR (default: ~/.cache/cuflash) and are loaded with
+`cupy.RawModule(path=...)`. Compiling needs NVRTC only, not a GPU: the compile check and
+the prebuild script use `compile_variant` on machines without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_OPTIONS = ("-std=c++17", "--ptxas-options=-v")
+
+
+def source_dir() -> Path:
+    """cuda_src/ inside an installed wheel (cuflash/cuda_src), else the checkout's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "cuda_src", here.parent / "cuda_src"):
+        if (candidate / "params.h").is_file():
+            return candidate
+    raise FileNotFoundError(f"cuflash: cuda_src/ not found next to {here} (broken install?)")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CUFLASH_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cuflash"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cupy_backends.cuda.libs import nvrtc
+
+    return tuple(nvrtc.getVersion())
+
+
+_sources_lock = threading.Lock()
+_sources_cache: dict[Path, tuple[dict[str, str], str]] = {}
+
+
+def _sources() -> tuple[dict[str, str], str]:
+    """All files of cuda_src/ and the hash of their names and contents."""
+    root = source_dir()
+    with _sources_lock:
+        if root not in _sources_cache:
+            files = {
+                p.name: p.read_text()
+                for p in sorted(root.iterdir())
+                if p.suffix in (".h", ".cuh", ".cu")
+            }
+            digest = hashlib.sha256()
+            for name, text in files.items():
+                digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+            _sources_cache[root] = (files, digest.hexdigest())
+        return _sources_cache[root]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled module: a kernel file and the defines that specialise it."""
+
+    kernel_file: str  # e.g. "flash_fwd.cu"
+    defines: tuple[tuple[str, int], ...]
+
+    @property
+    def tag(self) -> str:
+        d = dict(self.defines)
+        return f"{self.kernel_file.split('.')[0]}-" + "-".join(f"{k.replace('CF_', '').lower()}{v}" for k, v in self.defines)
+
+
+@dataclasses.dataclass
+class Compiled:
+    cubin: bytes
+    log: str
+    seconds: float
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def options_for(variant: Variant, arch: str) -> list[str]:
+    return [f"--gpu-architecture={arch}", *_OPTIONS, *(f"-D{k}={v}" for k, v in variant.defines)]
+
+
+def cache_key(variant: Variant, arch: str) -> str:
+    _, src_hash = _sources()
+    digest = hashlib.sha256()
+    for part in (src_hash, variant.kernel_file, repr(options_for(variant, arch)), repr(nvrtc_version()), arch):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def cubin_path(variant: Variant, arch: str) -> Path:
+    return cache_dir() / f"{variant.tag}-{arch}-{cache_key(variant, arch)}.cubin"
+
+
+def compile_variant(variant: Variant, arch: str) -> Compiled:
+    """Compile with NVRTC (no GPU needed). Raises CompileError with the NVRTC log."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    files, _ = _sources()
+    headers = [text.encode() for name, text in files.items() if name != variant.kernel_file]
+    names = [name.encode() for name in files if name != variant.kernel_file]
+    start = time.perf_counter()
+    prog = nvrtc.createProgram(files[variant.kernel_file], variant.kernel_file, headers, names)
+    try:
+        try:
+            nvrtc.compileProgram(prog, options_for(variant, arch))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise CompileError(f"NVRTC failed to compile {variant.tag} for {arch}:\n{log}") from exc
+        log = nvrtc.getProgramLog(prog)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return Compiled(cubin=cubin, log=log, seconds=time.perf_counter() - start)
+
+
+def build(variant: Variant, arch: str) -> tuple[Path, float]:
+    """The cached cubin for (variant, arch), compiling it on first use.
+
+    Returns (path, seconds spent compiling now; 0.0 on a cache hit)."""
+    path = cubin_path(variant, arch)
+    if path.is_file():
+        return path, 0.0
+    compiled = compile_variant(variant, arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(compiled.cubin)
+    os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+    path.with_suffix(".log").write_text(compiled.log)
+    return path, compiled.seconds
+
+
+# ---- loading (needs a GPU) ---------------------------------------------------------------
+
+_modules_lock = threading.Lock()
+_modules: dict[tuple[Variant, str, int], Any] = {}
+STATS = {"compiled": 0, "compile_seconds": 0.0, "loaded": 0, "load_seconds": 0.0}
+
+
+def arch_of(device_index: int) -> str:
+    import cupy
+
+    cc = cupy.cuda.Device(device_index).compute_capability  # e.g. "90"
+    if int(cc) < 80:
+        raise RuntimeError(
+            f"cuflash needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, ...); "
+            f"cuda:{device_index} has {cc[:-1]}.{cc[-1]}"
+        )
+    return f"sm_{cc}"
+
+
+def module(variant: Variant, device_index: int) -> Any:
+    """The loaded cupy.RawModule for variant on a device (compiled and cached on demand)."""
+    arch = arch_of(device_index)
+    key = (variant, arch, device_index)
+    with _modules_lock:
+        mod = _modules.get(key)
+        if mod is not None:
+            return mod
+        import cupy
+
+        path, seconds = build(variant, arch)
+        if seconds:
+            STATS["compiled"] += 1
+            STATS["compile_seconds"] += seconds
+        start = time.perf_counter()
+        with cupy.cuda.Device(device_index):
+            mod = cupy.RawModule(path=str(path))
+        STATS["loaded"] += 1
+        STATS["load_seconds"] += time.perf_counter() - start
+        _modules[key] = mod
+        return mod

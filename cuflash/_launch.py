@@ -1,0 +1,186 @@
+"""Kernel launches on the caller's stream.
+
+`run_forward` and `run_backward` work on CuPy views of memory someone else allocated (the
+caller's library, or JAX inside a jitted computation) and never synchronise the device.
+`forward` and `backward` are the API's CUDA path: they allocate outputs in the caller's
+library and return them in the caller's array type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import numpy as np
+
+from . import _build, _interop, _params, _tiles
+from ._options import Options
+from ._params import Views
+from ._validate import Dims
+
+_MAX_GRID = 2**31 - 1
+_smem_limits: dict[int, int] = {}
+_limits_lock = threading.Lock()
+
+
+def smem_limit(device_index: int) -> int:
+    with _limits_lock:
+        if device_index not in _smem_limits:
+            import cupy
+
+            attrs = cupy.cuda.Device(device_index).attributes
+            _smem_limits[device_index] = int(attrs["MaxSharedMemoryPerBlockOptin"])
+        return _smem_limits[device_index]
+
+
+def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
+    if blocks == 0:
+        return
+    if blocks > _MAX_GRID:
+        raise ValueError(f"{name}: {blocks} thread blocks exceed the grid limit {_MAX_GRID}")
+    kernel = mod.get_function(name)
+    if smem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = smem
+    kernel((blocks,), (threads,), (params[()],), shared_mem=smem, stream=stream)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- on views -----------------------------------------------------------------------------
+
+
+def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
+    """Fill views.out and views.lse. Zero-size problems launch nothing."""
+    dtype = np.dtype(views.q.dtype)
+    rows = dims.batch * dims.num_heads
+    if rows == 0 or dims.seqlen_q == 0:
+        return
+    if dims.seqlen_k == 0:
+        # No keys: every row is fully masked (output 0, LSE -inf).
+        views.out.fill(0)
+        views.lse.fill(-np.inf)
+        return
+    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    mod = _build.module(variant, device_index)
+    p = _params.fill(views, opts, dims)
+    p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
+    _launch(mod, "cuflash_fwd", int(p["num_m_blocks"]) * rows, tiles.threads, smem, p, stream)
+
+
+def workspace_shapes(dims: Dims, opts: Options, dtype: np.dtype, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Temporary fp32 buffers the backward needs (the caller allocates them)."""
+    rows = (dims.num_heads, dims.total_q) if dims.varlen else (dims.batch, dims.num_heads, dims.seqlen_q)
+    f32 = np.dtype(np.float32)
+    shapes = {"dsum": (rows, f32), "lse_log2": (rows, f32)}
+    if not opts.deterministic:
+        shapes["dq_accum"] = (rows + (_tiles.head_dim_bucket(max(dims.head_dim, 1)),), f32)
+    if want_dbias:
+        shapes["dbias_full"] = ((dims.batch, dims.num_heads, dims.seqlen_q, dims.seqlen_k), f32)
+    return shapes
+
+
+def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
+    """Fill views.dq, views.dk, views.dv (and views.dbias_full when given, which must
+    arrive zero-filled). Workspaces come from `workspace_shapes`."""
+    dtype = np.dtype(views.q.dtype)
+    if dims.batch * dims.num_heads == 0:
+        return
+    if dims.seqlen_q == 0 or dims.seqlen_k == 0:
+        # Nothing attends anything: every gradient is zero.
+        for a in (views.dq, views.dk, views.dv):
+            a.fill(0)
+        return
+    plan = _tiles.backward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    mod = _build.module(plan.variant, device_index)
+    atomic = not opts.deterministic
+    p = _params.fill(views, opts, dims, dq_atomic=atomic, want_dbias=views.dbias_full is not None)
+    p["num_m_blocks"] = _cdiv(dims.seqlen_q, plan.dq.block_m)
+    p["num_n_blocks"] = _cdiv(dims.seqlen_k, plan.dkdv.block_n)
+    bh = dims.batch * dims.num_heads
+    _launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0, p, stream)
+    _launch(mod, "cuflash_bwd_dkdv", int(p["num_n_blocks"]) * dims.batch * dims.num_heads_kv,
+            plan.dkdv.threads, plan.dkdv_smem, p, stream)
+    if atomic:
+        _launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0, p, stream)
+    else:
+        _launch(mod, "cuflash_bwd_dq", int(p["num_m_blocks"]) * bh, plan.dq.threads, plan.dq_smem, p, stream)
+
+
+# ---- the API's CUDA path ----------------------------------------------------------------
+
+
+def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
+    """Bias, mask, ALiBi slopes and cu_seqlens as the kernels read them."""
+    import cupy
+
+    out = {}
+    bias = call.option_view("bias")
+    if bias is not None:
+        if np.dtype(bias.dtype) not in (np.dtype(np.float16), np.dtype(np.float32), _interop.BFLOAT16):
+            bias = bias.astype(np.float32)  # float64 bias: read as fp32
+        out["bias"] = bias
+    mask = call.option_view("mask")
+    if mask is not None:
+        out["mask"] = mask
+    slopes = call.option_view("alibi_slopes")
+    if slopes is not None:
+        out["alibi"] = cupy.ascontiguousarray(slopes, dtype=cupy.float32)
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        cu = call.option_view(name)
+        if cu is not None:
+            out[name] = cupy.ascontiguousarray(cu)
+    return out
+
+
+def forward(call: Any) -> tuple[Any, Any]:
+    q, dims = call.q, call.dims
+    with _interop.on_device(call.device, call.stream):
+        out_obj, out = _interop.empty(q.shape, q.dtype, q, call.stream)
+        lse_obj, lse = _interop.empty(dims.lse_shape, np.dtype(np.float32), q, call.stream)
+        views = Views(q=q.view, k=call.refs["k"].view, v=call.refs["v"].view, out=out, lse=lse,
+                      **_option_views(call, dims))
+        run_forward(views, call.opts, dims, call.stream, call.device.index)
+    return _result(out_obj, out, q), _result(lse_obj, lse, q)
+
+
+def backward(call: Any) -> tuple[Any, ...]:
+    r, dims, opts = call.refs, call.dims, call.opts
+    q, k, v = r["q"], r["k"], r["v"]
+    bias_ref = call.option_refs.get("bias")
+    want_dbias = bias_ref is not None
+    with _interop.on_device(call.device, call.stream):
+        outs = {name: _interop.empty(like.shape, like.dtype, like, call.stream)
+                for name, like in (("dq", q), ("dk", k), ("dv", v))}
+        work = {name: _interop.empty(shape, dt, q, call.stream)[1]
+                for name, (shape, dt) in workspace_shapes(dims, opts, q.dtype, want_dbias).items()}
+        if want_dbias:
+            work["dbias_full"].fill(0)
+        views = Views(q=q.view, k=k.view, v=v.view, out=r["out"].view, lse=r["lse"].view, dout=r["dout"].view,
+                      dq=outs["dq"][1], dk=outs["dk"][1], dv=outs["dv"][1], **work, **_option_views(call, dims))
+        run_backward(views, opts, dims, call.stream, call.device.index)
+        results = [_result(*outs[name], ref) for name, ref in (("dq", q), ("dk", k), ("dv", v))]
+        if want_dbias:
+            results.append(_reduce_dbias(work["dbias_full"], bias_ref, dims))
+    return tuple(results)
+
+
+def _reduce_dbias(full: Any, bias_ref: Any, dims: Dims) -> Any:
+    """Sum the dense score gradient over the dimensions the bias was broadcast along."""
+    shape = bias_ref.shape
+    padded = (1,) * (4 - len(shape)) + tuple(shape)
+    axes = tuple(i for i, (s, t) in enumerate(zip(padded, full.shape)) if s == 1 and t != 1)
+    reduced = full.sum(axis=axes, keepdims=True) if axes else full
+    reduced = reduced.reshape(shape).astype(bias_ref.dtype)
+    obj, view = _interop.empty(shape, bias_ref.dtype, bias_ref, None)
+    view[...] = reduced
+    return _result(obj, view, bias_ref)
+
+
+def _result(obj: Any, view: Any, like: Any) -> Any:
+    """The caller-typed result: the caller's own allocation when there is one."""
+    if obj is not None:
+        return obj
+    return _interop.to_caller(view, like)

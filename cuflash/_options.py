@@ -1,0 +1,151 @@
+"""One vocabulary of attention options, shared by the API, the reference and the adapters.
+
+Every entry point takes the same keyword options (FlashAttention-2's names where it has
+one). `Options` is the normalised, immutable record of them; it holds arrays (bias, mask,
+slopes, cu_seqlens) by reference and never copies them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+LAYOUTS = ("bshd", "bhsd")
+CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+# The keyword options every entry point accepts, in documentation order.
+OPTION_NAMES = (
+    "softmax_scale",
+    "causal",
+    "causal_alignment",
+    "window_size",
+    "softcap",
+    "alibi_slopes",
+    "bias",
+    "mask",
+    "dropout_p",
+    "seed",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "deterministic",
+    "layout",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Normalised attention options. Field meanings are documented in README.md."""
+
+    softmax_scale: float | None = None
+    causal: bool = False
+    causal_alignment: str = "bottom_right"
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: Any = None
+    bias: Any = None
+    mask: Any = None
+    dropout_p: float = 0.0
+    seed: int | None = None
+    cu_seqlens_q: Any = None
+    cu_seqlens_k: Any = None
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+    deterministic: bool = False
+    layout: str = "bshd"
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None or self.cu_seqlens_k is not None
+
+    def scale_for(self, head_dim: int) -> float:
+        """The softmax scale actually used: the given one, or 1/sqrt(head_dim)."""
+        if self.softmax_scale is not None:
+            return float(self.softmax_scale)
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+    def replace(self, **changes: Any) -> "Options":
+        return dataclasses.replace(self, **changes)
+
+
+def option_errors(opts: Options) -> list[str]:
+    """Reasons why scalar options are invalid (array-valued options are checked in
+    _validate, which knows the shapes). Each reason names the offending value."""
+    errors = []
+    if opts.layout not in LAYOUTS:
+        errors.append(f"layout={opts.layout!r} must be one of {LAYOUTS}")
+    if opts.causal_alignment not in CAUSAL_ALIGNMENTS:
+        errors.append(
+            f"causal_alignment={opts.causal_alignment!r} must be one of {CAUSAL_ALIGNMENTS}"
+        )
+    ws = opts.window_size
+    if not (isinstance(ws, tuple) and len(ws) == 2 and all(_is_int(w) for w in ws)):
+        errors.append(f"window_size={ws!r} must be a pair of ints (left, right)")
+    elif ws[0] < -1 or ws[1] < -1:
+        errors.append(f"window_size={ws!r}: each side must be >= -1 (-1 means unbounded)")
+    if not _is_real(opts.softcap) or not math.isfinite(opts.softcap) or opts.softcap < 0:
+        errors.append(f"softcap={opts.softcap!r} must be a finite number >= 0 (0 disables it)")
+    if not _is_real(opts.dropout_p) or not (0.0 <= opts.dropout_p < 1.0):
+        errors.append(f"dropout_p={opts.dropout_p!r} must satisfy 0 <= dropout_p < 1")
+    if opts.softmax_scale is not None and (
+        not _is_real(opts.softmax_scale) or not math.isfinite(opts.softmax_scale)
+    ):
+        errors.append(f"softmax_scale={opts.softmax_scale!r} must be a finite number or None")
+    if opts.seed is not None and (not _is_int(opts.seed) or not 0 <= opts.seed < 2**64):
+        errors.append(f"seed={opts.seed!r} must be an int in [0, 2**64) or None")
+    for name in ("max_seqlen_q", "max_seqlen_k"):
+        value = getattr(opts, name)
+        if value is not None and (not _is_int(value) or value < 0):
+            errors.append(f"{name}={value!r} must be a non-negative int or None")
+    if not isinstance(opts.causal, bool):
+        errors.append(f"causal={opts.causal!r} must be a bool")
+    if not isinstance(opts.deterministic, bool):
+        errors.append(f"deterministic={opts.deterministic!r} must be a bool")
+    return errors
+
+
+def make_options(**kwargs: Any) -> Options:
+    """Build Options from keyword arguments, converting the forgiving spellings
+    (lists for window_size, numpy scalars) to their canonical types."""
+    unknown = sorted(set(kwargs) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {list(OPTION_NAMES)}")
+    ws = kwargs.get("window_size", (-1, -1))
+    if ws is None:
+        ws = (-1, -1)
+    if isinstance(ws, list):
+        ws = tuple(ws)
+    if isinstance(ws, tuple) and all(_is_int(w) for w in ws):
+        ws = tuple(int(w) for w in ws)
+    kwargs["window_size"] = ws
+    for name in ("softcap", "dropout_p"):
+        if name in kwargs and kwargs[name] is None:
+            kwargs[name] = 0.0
+    for name in ("causal", "deterministic"):
+        if name in kwargs and _is_bool_like(kwargs[name]):
+            kwargs[name] = bool(kwargs[name])
+    return Options(**kwargs)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) or _is_numpy_integer(x)
+
+
+def _is_numpy_integer(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, np.integer)
+
+
+def _is_real(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _is_bool_like(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, (bool, np.bool_))

@@ -1,0 +1,221 @@
+"""The kernels' parameter block: a NumPy record laid out exactly like `struct Params`.
+
+The record type is read from cuda_src/params.h (one `TYPE NAME;` per line, 8-byte fields
+first), so the two cannot drift apart; tests/test_build.py checks every offset against a
+C compiler. `fill` is the one function that turns a call into a Params record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from ._build import source_dir
+from ._interop import BFLOAT16
+from ._options import Options
+from ._validate import Dims
+
+_C_TYPES = {
+    "cf_i64": np.int64,
+    "cf_u64": np.uint64,
+    "cf_u32": np.uint32,
+    "int": np.int32,
+    "float": np.float32,
+}
+
+FLAGS = {
+    name: 1 << i
+    for i, name in enumerate(
+        ("HAS_BIAS", "HAS_MASK", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "DQ_ATOMIC",
+         "WANT_DBIAS", "BIAS_IS_BF16", "BIAS_IS_F16", "BIAS_IS_F32")
+    )
+}
+ALIGN_BITS = {name: 1 << i for i, name in enumerate(("q", "k", "v", "out", "dout", "dq", "dk", "dv"))}
+
+
+def _parse_fields(text: str) -> list[tuple[str, Any]]:
+    body = text[text.index("struct Params {") : text.index("};", text.index("struct Params {"))]
+    fields = []
+    for line in body.splitlines()[1:]:
+        line = line.split("//")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(const\s+)?([\w ]+?)\s*(\*)?\s*(\w+);", line)
+        if not m:
+            raise ValueError(f"params.h: cannot parse field line {line!r}")
+        ctype, pointer, name = m.group(2).strip(), m.group(3), m.group(4)
+        fields.append((name, np.uint64 if pointer else _C_TYPES[ctype]))
+    return fields
+
+
+@functools.lru_cache(maxsize=None)
+def params_dtype() -> np.dtype:
+    fields = _parse_fields((source_dir() / "params.h").read_text())
+    dtype = np.dtype(fields, align=True)
+    return dtype
+
+
+@dataclasses.dataclass
+class Views:
+    """Device views (CuPy arrays) of one call's tensors; None where absent."""
+
+    q: Any
+    k: Any
+    v: Any
+    out: Any
+    lse: Any
+    dout: Any = None
+    dq: Any = None
+    dk: Any = None
+    dv: Any = None
+    bias: Any = None
+    mask: Any = None
+    alibi: Any = None
+    cu_seqlens_q: Any = None
+    cu_seqlens_k: Any = None
+    dq_accum: Any = None
+    dsum: Any = None
+    lse_log2: Any = None
+    dbias_full: Any = None
+
+
+def _ptr(a: Any) -> int:
+    return 0 if a is None else int(a.data.ptr)
+
+
+def _elem_strides(a: Any) -> tuple[int, ...]:
+    return tuple(s // a.itemsize for s in a.strides)
+
+
+def qkv_strides(a: Any, opts: Options, varlen: bool) -> tuple[int, int, int]:
+    """(batch, row, head) strides in elements of a q/k/v-shaped array."""
+    s = _elem_strides(a)
+    if varlen:
+        return 0, s[0], s[1]
+    if opts.layout == "bhsd":
+        return s[0], s[2], s[1]
+    return s[0], s[1], s[2]
+
+
+def _aligned(a: Any, opts: Options, varlen: bool, head_dim: int) -> bool:
+    if a is None:
+        return False
+    vector = 16 // a.itemsize
+    return (
+        _ptr(a) % 16 == 0
+        and head_dim % vector == 0
+        and all(st % vector == 0 for st in qkv_strides(a, opts, varlen))
+    )
+
+
+def broadcast_strides(a: Any, target_ndim: int = 4) -> tuple[int, ...]:
+    """Strides (elements) of `a` broadcast, NumPy-style, to `target_ndim` dimensions."""
+    s = _elem_strides(a)
+    shape = tuple(a.shape)
+    pad = target_ndim - len(shape)
+    out = [0] * pad
+    for size, stride in zip(shape, s):
+        out.append(0 if size == 1 else stride)
+    return tuple(out)
+
+
+def window_limits(opts: Options, dims: Dims) -> tuple[int, int]:
+    """(left, right) with -1 = unbounded and causal folded into right = 0. Limits wider
+    than any sequence are unbounded too (keeps the kernels' arithmetic small)."""
+    left, right = opts.window_size
+    if opts.causal:
+        right = 0
+    span = dims.seqlen_q + dims.seqlen_k
+    if left > span:
+        left = -1
+    if right > span:
+        right = -1
+    return left, right
+
+
+def dropout_threshold(p: float) -> int:
+    return min(int(math.floor(p * 4294967296.0)), 2**32 - 1)
+
+
+def is_general(opts: Options) -> bool:
+    """Whether the call needs the kernels compiled with score modifiers."""
+    return (
+        opts.softcap > 0
+        or opts.alibi_slopes is not None
+        or opts.bias is not None
+        or opts.mask is not None
+        or opts.dropout_p > 0
+    )
+
+
+def fill(views: Views, opts: Options, dims: Dims, *, dq_atomic: bool = False, want_dbias: bool = False) -> np.void:
+    """The Params record for one call (forward or backward)."""
+    p = np.zeros((), dtype=params_dtype())
+    varlen = dims.varlen
+    for name in ("q", "k", "v", "dout", "bias", "mask", "alibi", "cu_seqlens_q", "cu_seqlens_k", "out", "lse",
+                 "dq", "dk", "dv", "dq_accum", "dsum", "lse_log2", "dbias_full"):
+        p[name] = _ptr(getattr(views, name))
+    for prefix, a in (("q", views.q), ("k", views.k), ("v", views.v), ("o", views.out), ("do", views.dout),
+                      ("dq", views.dq), ("dk", views.dk), ("dv", views.dv)):
+        if a is not None:
+            p[f"{prefix}_batch_stride"], p[f"{prefix}_row_stride"], p[f"{prefix}_head_stride"] = qkv_strides(a, opts, varlen)
+    if views.lse is not None:
+        s = _elem_strides(views.lse)
+        p["lse_batch_stride"], p["lse_head_stride"] = (0, s[0]) if varlen else (s[0], s[1])
+    if varlen:
+        p["ws_batch_stride"], p["ws_head_stride"] = 0, dims.total_q
+    else:
+        p["ws_batch_stride"], p["ws_head_stride"] = dims.num_heads * dims.seqlen_q, dims.seqlen_q
+
+    flags = 0
+    if views.bias is not None:
+        flags |= FLAGS["HAS_BIAS"]
+        dt = np.dtype(views.bias.dtype)
+        flags |= FLAGS["BIAS_IS_F32"] if dt == np.float32 else FLAGS["BIAS_IS_BF16"] if dt == BFLOAT16 else FLAGS["BIAS_IS_F16"]
+        (p["bias_batch_stride"], p["bias_head_stride"], p["bias_row_stride"], p["bias_col_stride"]) = broadcast_strides(views.bias)
+    if views.mask is not None:
+        flags |= FLAGS["HAS_MASK"]
+        (p["mask_batch_stride"], p["mask_head_stride"], p["mask_row_stride"], p["mask_col_stride"]) = broadcast_strides(views.mask)
+    if views.alibi is not None:
+        flags |= FLAGS["HAS_ALIBI"]
+        p["alibi_batch_stride"] = dims.num_heads if views.alibi.ndim == 2 else 0
+    if views.dbias_full is not None:
+        s = _elem_strides(views.dbias_full)
+        p["dbias_batch_stride"], p["dbias_head_stride"], p["dbias_row_stride"] = s[0], s[1], s[2]
+    if opts.softcap > 0:
+        flags |= FLAGS["HAS_SOFTCAP"]
+    if opts.dropout_p > 0:
+        flags |= FLAGS["HAS_DROPOUT"]
+    if varlen:
+        flags |= FLAGS["IS_VARLEN"]
+    if dq_atomic:
+        flags |= FLAGS["DQ_ATOMIC"]
+    if want_dbias:
+        flags |= FLAGS["WANT_DBIAS"]
+    p["flags"] = flags
+
+    aligned = 0
+    for name, bit in ALIGN_BITS.items():
+        if _aligned(getattr(views, name), opts, varlen, dims.head_dim):
+            aligned |= bit
+    p["aligned"] = aligned
+
+    scale = opts.scale_for(dims.head_dim)
+    left, right = window_limits(opts, dims)
+    p["seed"] = 0 if opts.seed is None else int(opts.seed)
+    p["batch"], p["num_heads"], p["num_heads_kv"], p["head_dim"] = dims.batch, dims.num_heads, dims.num_heads_kv, dims.head_dim
+    p["seqlen_q"], p["seqlen_k"] = dims.seqlen_q, dims.seqlen_k
+    p["window_left"], p["window_right"] = left, right
+    p["bottom_right"] = int(opts.causal_alignment == "bottom_right")
+    p["softmax_scale"] = scale
+    p["scale_log2"] = scale * math.log2(math.e)
+    p["softcap"] = opts.softcap
+    if opts.dropout_p > 0:
+        p["dropout_scale"] = 1.0 / (1.0 - opts.dropout_p)
+        p["dropout_threshold"] = dropout_threshold(opts.dropout_p)
+    return p

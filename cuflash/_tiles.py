@@ -1,0 +1,165 @@
+"""Compile-time specialisation: one table from (kernel, dtype, head dim, GPU) to tiles.
+
+Head dims are padded up to a multiple of 32 (the kernels zero-fill the padding), so eight
+buckets cover 1..256. For each kernel the first row whose tiles fit the GPU's shared
+memory wins. Shared memory per tile is (rows) x (padded head dim + 8 elements) x bytes;
+the kernels compute the same sizes (kSmemBytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ._build import Variant
+from ._interop import BFLOAT16
+
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+
+# Opt-in shared memory per block by architecture (bytes), for planning without a GPU.
+SMEM_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448}
+ARCHES = ("sm_80", "sm_90")  # what the CPU compile check builds for
+
+ELEM_CODE = {np.dtype(np.float16): 0, BFLOAT16: 1, np.dtype(np.float32): 2}
+_PAD = 8  # elements of padding per shared-memory row (SmemPad)
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    for bucket in HEAD_DIM_BUCKETS:
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head_dim={head_dim} exceeds {HEAD_DIM_BUCKETS[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    warps: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+
+def fwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
+    return (t.block_m + 2 * t.block_n) * (head_dim + _PAD) * elem_bytes
+
+
+def bwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
+    ld, lds = head_dim + _PAD, t.block_n + _PAD
+    return (2 * t.block_n * ld + 2 * t.block_m * ld + 2 * t.block_m * lds) * elem_bytes + 8 * t.block_m
+
+
+def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
+    return (2 * t.block_m + 2 * t.block_n) * (head_dim + _PAD) * elem_bytes
+
+
+# (kernel, fp32?, largest head dim, tiles, reason). Scanned in order.
+_TABLE = (
+    # --- forward: each warp owns block_m / warps query rows -------------------------------
+    ("fwd", False, 64, Tiles(128, 64, 4), "d<=64: 32 rows per warp halves the K/V fragment reads per product; 37 KB smem"),
+    ("fwd", False, 128, Tiles(128, 64, 8), "d<=128: 16 rows per warp keeps O (64 fp32) and S in registers without spills"),
+    ("fwd", False, 256, Tiles(64, 64, 4), "d<=256: O needs 128 fp32 registers per thread; 101 KB smem (Hopper, A100)"),
+    ("fwd", False, 256, Tiles(64, 32, 4), "d<=256 on 99 KB parts (sm_86/89): half-width K/V tiles"),
+    ("fwd", True, 128, Tiles(64, 32, 4), "fp32 d<=128: three bf16 terms per fragment; narrow key tiles limit registers"),
+    ("fwd", True, 256, Tiles(64, 32, 4), "fp32 d<=256: 135 KB smem"),
+    ("fwd", True, 256, Tiles(32, 16, 2), "fp32 d<=256 on 99 KB parts"),
+    # --- backward dK/dV: K, V, Q, dO, P, dS tiles all resident ----------------------------
+    ("bwd", False, 64, Tiles(64, 128, 8), "d<=64: wide key tiles, dK+dV 64 fp32 registers per thread; 90 KB smem"),
+    ("bwd", False, 128, Tiles(64, 64, 8), "d<=128: dK+dV 64 fp32 registers per thread; 88 KB smem fits every part"),
+    ("bwd", False, 256, Tiles(64, 64, 8), "d<=256: dK+dV 128 fp32 registers per thread; 154 KB smem (Hopper, A100)"),
+    ("bwd", False, 256, Tiles(32, 32, 4), "d<=256 on 99 KB parts: 72 KB smem"),
+    ("bwd", True, 64, Tiles(32, 64, 4), "fp32 d<=64: 74 KB smem"),
+    ("bwd", True, 128, Tiles(32, 64, 4), "fp32 d<=128: 123 KB smem (Hopper, A100)"),
+    ("bwd", True, 128, Tiles(32, 32, 4), "fp32 d<=128 on 99 KB parts: 80 KB smem"),
+    ("bwd", True, 256, Tiles(32, 32, 4), "fp32 d<=256: 145 KB smem (Hopper, A100 only)"),
+    # --- deterministic dQ: one warp per 16 query rows -------------------------------------
+    ("dq", False, 128, Tiles(64, 64, 4), "d<=128: 70 KB smem"),
+    ("dq", False, 256, Tiles(64, 64, 4), "d<=256: 135 KB smem (Hopper, A100)"),
+    ("dq", False, 256, Tiles(32, 32, 2), "d<=256 on 99 KB parts: 68 KB smem"),
+    ("dq", True, 64, Tiles(64, 32, 4), "fp32 d<=64: 55 KB smem"),
+    ("dq", True, 128, Tiles(32, 32, 2), "fp32 d<=128: 70 KB smem"),
+    ("dq", True, 256, Tiles(32, 32, 2), "fp32 d<=256: 135 KB smem (Hopper, A100)"),
+    ("dq", True, 256, Tiles(16, 16, 1), "fp32 d<=256 on 99 KB parts: 68 KB smem"),
+)
+
+_SMEM = {"fwd": fwd_smem, "bwd": bwd_smem, "dq": dq_smem}
+
+
+class UnsupportedConfig(ValueError):
+    pass
+
+
+def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int) -> Tiles:
+    bucket = head_dim_bucket(head_dim)
+    fp32 = np.dtype(dtype) == np.float32
+    elem = 4 if fp32 else 2
+    for name, is_fp32, max_d, tiles, _reason in _TABLE:
+        if name == kernel and is_fp32 == fp32 and bucket <= max_d and _SMEM[kernel](tiles, bucket, elem) <= smem_limit:
+            return tiles
+    raise UnsupportedConfig(
+        f"no {kernel} tiles for dtype={dtype} head_dim={head_dim} within {smem_limit} bytes of shared memory per block"
+    )
+
+
+def forward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> tuple[Variant, Tiles, int]:
+    bucket = head_dim_bucket(head_dim)
+    t = tiles_for("fwd", dtype, head_dim, smem_limit)
+    defines = (
+        ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
+        ("CF_HEAD_DIM", bucket),
+        ("CF_GENERAL", int(general)),
+        ("CF_FWD_BLOCK_M", t.block_m),
+        ("CF_FWD_BLOCK_N", t.block_n),
+        ("CF_FWD_WARPS", t.warps),
+    )
+    elem = np.dtype(dtype).itemsize
+    return Variant("flash_fwd.cu", defines), t, fwd_smem(t, bucket, elem)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    variant: Variant
+    dkdv: Tiles
+    dkdv_smem: int
+    dq: Tiles
+    dq_smem: int
+    head_dim_padded: int
+
+
+def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> BackwardPlan:
+    bucket = head_dim_bucket(head_dim)
+    elem = np.dtype(dtype).itemsize
+    t = tiles_for("bwd", dtype, head_dim, smem_limit)
+    tq = tiles_for("dq", dtype, head_dim, smem_limit)
+    defines = (
+        ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
+        ("CF_HEAD_DIM", bucket),
+        ("CF_GENERAL", int(general)),
+        ("CF_BWD_BLOCK_M", t.block_m),
+        ("CF_BWD_BLOCK_N", t.block_n),
+        ("CF_BWD_WARPS", t.warps),
+        ("CF_DQ_BLOCK_M", tq.block_m),
+        ("CF_DQ_BLOCK_N", tq.block_n),
+        ("CF_DQ_WARPS", tq.warps),
+    )
+    return BackwardPlan(
+        Variant("flash_bwd.cu", defines), t, bwd_smem(t, bucket, elem), tq, dq_smem(tq, bucket, elem), bucket
+    )
+
+
+def shipped_variants(arch: str) -> list[Variant]:
+    """Every variant a user can reach on `arch` (what the compile check builds)."""
+    limit = SMEM_LIMIT[arch]
+    out = []
+    for dtype in ELEM_CODE:
+        for bucket in HEAD_DIM_BUCKETS:
+            for general in (False, True):
+                out.append(forward_variant(dtype, bucket, general, limit)[0])
+                try:
+                    out.append(backward_variant(dtype, bucket, general, limit).variant)
+                except UnsupportedConfig:
+                    pass
+    return out

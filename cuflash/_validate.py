@@ -1,0 +1,275 @@
+"""Validation before anything runs: every reason collected, one error raised.
+
+`check` reads only metadata (shapes, strides, dtypes, devices) and, for variable-length
+batches, the small cu_seqlens arrays. It returns the problem's dimensions (`Dims`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ._interop import BFLOAT16, ArrayRef, dtype_name
+from ._options import Options, option_errors
+
+MAX_HEAD_DIM = 256
+
+_KERNEL_DTYPES = tuple(
+    d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)) if d is not None
+)
+_HOST_DTYPES = _KERNEL_DTYPES + (np.dtype(np.float64),)
+
+
+class ValidationError(ValueError):
+    """Invalid arguments. `reasons` lists every problem found; the message lists them
+    together with the shapes, strides, dtypes and devices of the arrays involved."""
+
+    def __init__(self, where: str, reasons: list[str], arrays: list[ArrayRef]):
+        self.reasons = list(reasons)
+        lines = [f"{where}: {len(reasons)} problem(s) with the arguments:"]
+        lines += [f"  - {r}" for r in reasons]
+        if arrays:
+            lines.append("arrays:")
+            lines += [f"  {a.describe()}" for a in arrays]
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The problem's dimensions. For a variable-length batch, seqlen_q/seqlen_k are the
+    largest sequence lengths and total_q/total_k the packed row counts."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    num_heads: int
+    num_heads_kv: int
+    head_dim: int
+    varlen: bool = False
+    total_q: int = 0
+    total_k: int = 0
+    cu_seqlens_q: Any = None  # host int64 copies (varlen only)
+    cu_seqlens_k: Any = None
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        if self.varlen:
+            return (self.num_heads, self.total_q)
+        return (self.batch, self.num_heads, self.seqlen_q)
+
+
+def supported_dtypes(on_host: bool) -> tuple[np.dtype, ...]:
+    return _HOST_DTYPES if on_host else _KERNEL_DTYPES
+
+
+def _names(dtypes) -> str:
+    return ", ".join(dtype_name(d) for d in dtypes)
+
+
+def check(
+    where: str,
+    arrays: dict[str, ArrayRef],
+    opts: Options,
+    option_arrays: dict[str, ArrayRef],
+) -> Dims:
+    """Validate `arrays` (q, k, v and for the backward dout, out, lse) and the options.
+
+    Raises ValidationError listing every problem; returns the dimensions otherwise."""
+    reasons = option_errors(opts)
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    everything = list(arrays.values()) + list(option_arrays.values())
+
+    # Devices: one device for everything.
+    devices = {a.device for a in everything}
+    if len(devices) > 1:
+        listing = ", ".join(f"{a.name} on {a.device}" for a in everything)
+        reasons.append(f"all arrays must be on one device; got {listing}")
+    on_host = q.device.kind == "cpu"
+
+    # dtypes: one supported floating dtype for q, k, v, dout, out.
+    allowed = supported_dtypes(on_host)
+    float_inputs = [a for n, a in arrays.items() if n != "lse"]
+    for a in float_inputs:
+        if a.dtype not in allowed:
+            where_ = "on the host" if on_host else "on the GPU"
+            reasons.append(
+                f"{a.name}.dtype={dtype_name(a.dtype)} is not supported {where_} (supported: {_names(allowed)})"
+            )
+    dts = {a.dtype for a in float_inputs}
+    if len(dts) > 1:
+        listing = ", ".join(f"{a.name}={dtype_name(a.dtype)}" for a in float_inputs)
+        reasons.append(f"q, k, v (and dout, out) must share one dtype; got {listing}")
+
+    # Unit stride along the head dimension, so rows load as contiguous vectors.
+    for a in arrays.values():
+        if a.view.ndim >= 1 and a.shape[-1] > 1 and a.strides[-1] != 1:
+            reasons.append(
+                f"{a.name} must have a unit stride in its last dimension; got strides={a.strides}"
+            )
+
+    varlen = opts.cu_seqlens_q is not None or opts.cu_seqlens_k is not None
+    ndim = 3 if varlen else 4
+    for a in (q, k, v):
+        if a.view.ndim != ndim:
+            want = "(total, heads, head_dim) with cu_seqlens" if varlen else (
+                "(batch, seqlen, heads, head_dim)" if opts.layout == "bshd" else "(batch, heads, seqlen, head_dim)"
+            )
+            reasons.append(f"{a.name} must be {ndim}-D {want}; got {a.view.ndim}-D shape {a.shape}")
+    if any(a.view.ndim != ndim for a in (q, k, v)):
+        raise ValidationError(where, reasons, everything)
+
+    if varlen:
+        total_q, num_heads, head_dim = q.shape
+        total_k, num_heads_kv, head_dim_k = k.shape
+        total_v, num_heads_v, head_dim_v = v.shape
+        batch = seqlen_q = seqlen_k = 0
+    else:
+        if opts.layout == "bhsd":
+            batch, num_heads, seqlen_q, head_dim = q.shape
+            batch_k, num_heads_kv, seqlen_k, head_dim_k = k.shape
+            batch_v, num_heads_v, seqlen_v, head_dim_v = v.shape
+        else:
+            batch, seqlen_q, num_heads, head_dim = q.shape
+            batch_k, seqlen_k, num_heads_kv, head_dim_k = k.shape
+            batch_v, seqlen_v, num_heads_v, head_dim_v = v.shape
+        if not (batch == batch_k == batch_v):
+            reasons.append(f"batch sizes differ: q {batch}, k {batch_k}, v {batch_v}")
+        if seqlen_k != seqlen_v:
+            reasons.append(f"k and v sequence lengths differ: k {seqlen_k}, v {seqlen_v}")
+        total_q = total_k = total_v = 0
+    if varlen and total_k != total_v:
+        reasons.append(f"k and v row counts differ: k {total_k}, v {total_v}")
+    if not (head_dim == head_dim_k == head_dim_v):
+        reasons.append(f"head dims differ: q {head_dim}, k {head_dim_k}, v {head_dim_v}")
+    if head_dim == 0:
+        reasons.append("head_dim=0: the head dimension must be at least 1")
+    elif head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head_dim={head_dim} exceeds the supported maximum {MAX_HEAD_DIM}")
+    if num_heads_kv != num_heads_v:
+        reasons.append(f"k and v head counts differ: k {num_heads_kv}, v {num_heads_v}")
+    if num_heads_kv == 0 and num_heads != 0:
+        reasons.append(f"num_heads_kv=0 with num_heads={num_heads}")
+    elif num_heads_kv and num_heads % num_heads_kv:
+        reasons.append(
+            f"num_heads={num_heads} must be a multiple of num_heads_kv={num_heads_kv} (GQA/MQA)"
+        )
+
+    cu_q = cu_k = None
+    if varlen:
+        cu_q, cu_k, batch, seqlen_q, seqlen_k = _check_varlen(
+            opts, option_arrays, total_q, total_k, reasons
+        )
+
+    dims = Dims(
+        batch=batch,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        num_heads=num_heads,
+        num_heads_kv=num_heads_kv,
+        head_dim=head_dim,
+        varlen=varlen,
+        total_q=total_q,
+        total_k=total_k,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+    )
+    _check_option_arrays(dims, opts, option_arrays, reasons)
+    if "dout" in arrays:
+        _check_backward(dims, arrays, reasons, on_host)
+    if reasons:
+        raise ValidationError(where, reasons, everything)
+    return dims
+
+
+def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
+    cu = {}
+    for name, total in (("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k)):
+        ref = option_arrays.get(name)
+        if ref is None:
+            reasons.append(f"{name} is missing: variable-length batches need both cu_seqlens_q and cu_seqlens_k")
+            continue
+        if ref.view.ndim != 1 or ref.shape[0] < 1:
+            reasons.append(f"{name} must be 1-D of length batch+1; got shape {ref.shape}")
+            continue
+        if ref.dtype != np.int32:
+            reasons.append(f"{name}.dtype={dtype_name(ref.dtype)} must be int32")
+            continue
+        host = _to_host(ref.view).astype(np.int64)
+        if host[0] != 0:
+            reasons.append(f"{name}[0]={host[0]} must be 0")
+        steps = np.diff(host)
+        if np.any(steps < 0):
+            at = int(np.argmax(steps < 0))
+            reasons.append(f"{name} must be non-decreasing; {name}[{at}]={host[at]} > {name}[{at + 1}]={host[at + 1]}")
+        if host[-1] != total:
+            side = "q" if name.endswith("q") else "k"
+            reasons.append(f"{name}[-1]={host[-1]} must equal the packed row count of {side} ({total})")
+        cu[name] = host
+    if len(cu) < 2:
+        return None, None, 0, 0, 0
+    cu_q, cu_k = cu["cu_seqlens_q"], cu["cu_seqlens_k"]
+    if len(cu_q) != len(cu_k):
+        reasons.append(f"cu_seqlens_q has {len(cu_q)} entries and cu_seqlens_k {len(cu_k)}; they must match (batch+1)")
+        return None, None, 0, 0, 0
+    batch = len(cu_q) - 1
+    longest_q = int(np.diff(cu_q).max(initial=0))
+    longest_k = int(np.diff(cu_k).max(initial=0))
+    seqlen_q = longest_q if opts.max_seqlen_q is None else int(opts.max_seqlen_q)
+    seqlen_k = longest_k if opts.max_seqlen_k is None else int(opts.max_seqlen_k)
+    if seqlen_q < longest_q:
+        reasons.append(f"max_seqlen_q={seqlen_q} is below the longest query sequence ({longest_q})")
+    if seqlen_k < longest_k:
+        reasons.append(f"max_seqlen_k={seqlen_k} is below the longest key sequence ({longest_k})")
+    return cu_q, cu_k, batch, seqlen_q, seqlen_k
+
+
+def _to_host(view) -> np.ndarray:
+    if isinstance(view, np.ndarray):
+        return view
+    return view.get()
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _check_option_arrays(dims: Dims, opts: Options, option_arrays, reasons) -> None:
+    target = (dims.batch, dims.num_heads, dims.seqlen_q, dims.seqlen_k)
+    bias = option_arrays.get("bias")
+    if bias is not None:
+        if bias.dtype.kind != "f" and bias.dtype != BFLOAT16:
+            reasons.append(f"bias.dtype={dtype_name(bias.dtype)} must be a floating dtype")
+        if not _broadcasts(bias.shape, target):
+            reasons.append(f"bias shape {bias.shape} does not broadcast to (batch, heads, seqlen_q, seqlen_k)={target}")
+    mask = option_arrays.get("mask")
+    if mask is not None:
+        if mask.dtype != np.bool_:
+            reasons.append(f"mask.dtype={dtype_name(mask.dtype)} must be bool (True = may attend)")
+        if not _broadcasts(mask.shape, target):
+            reasons.append(f"mask shape {mask.shape} does not broadcast to (batch, heads, seqlen_q, seqlen_k)={target}")
+    slopes = option_arrays.get("alibi_slopes")
+    if slopes is not None:
+        if slopes.dtype.kind != "f":
+            reasons.append(f"alibi_slopes.dtype={dtype_name(slopes.dtype)} must be float32 or float64")
+        if slopes.shape not in ((dims.num_heads,), (dims.batch, dims.num_heads)):
+            reasons.append(
+                f"alibi_slopes shape {slopes.shape} must be (num_heads,)=({dims.num_heads},) or (batch, num_heads)=({dims.batch}, {dims.num_heads})"
+            )
+
+
+def _check_backward(dims: Dims, arrays, reasons, on_host: bool) -> None:
+    q = arrays["q"]
+    for name in ("dout", "out"):
+        a = arrays[name]
+        if a.shape != q.shape:
+            reasons.append(f"{name} shape {a.shape} must equal q's shape {q.shape}")
+    lse = arrays["lse"]
+    if lse.shape != dims.lse_shape:
+        reasons.append(f"lse shape {lse.shape} must be {dims.lse_shape}")
+    lse_ok = (np.dtype(np.float32), np.dtype(np.float64)) if on_host else (np.dtype(np.float32),)
+    if lse.dtype not in lse_ok:
+        reasons.append(f"lse.dtype={dtype_name(lse.dtype)} must be {_names(lse_ok)}")

@@ -1,0 +1,541 @@
+"""The float64 reference: the semantics every cuflash kernel must match.
+
+Short and obviously right rather than fast. Every input is converted to float64, the whole
+score matrix is materialised on purpose, and each option is one line of the score formula.
+For batch b, query head h (kv head h // group), query i and key j, local to the sequence:
+
+    off     = Nk - Nq for causal_alignment="bottom_right" (FlashAttention), 0 for "top_left"
+              (PyTorch's is_causal); query i is aligned with key i + off
+    x       = softmax_scale * q[b, i, h] . k[b, j, h // group]      (scale: 1/sqrt(D))
+    s       = softcap * tanh(x / softcap)                            (if softcap > 0)
+            - slope[b, h] * |i + off - j|                            (ALiBi)
+            + bias[b, h, i, j]                                       (bias broadcasts)
+    allowed = mask[b, h, i, j] and (not causal or j <= i + off)
+              and (left == -1 or j >= i + off - left) and (right == -1 or j <= i + off + right)
+    s       = -inf where not allowed
+    lse     = log(sum_j exp(s))         (-inf for a row with no allowed key)
+    p       = exp(s - lse)              (0 on such a row, never NaN)
+    out     = sum_j p * keep / (1 - dropout_p) * v[b, j, h // group]
+
+Varlen (cu_seqlens_q/k given) is defined as running each sequence alone, with bias, mask
+and dropout_mask indexed [b, h, i, j] in the sequence's own coordinates. backward() uses
+the analytic gradient with the given out and lse, exactly as a kernel does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from ._options import make_options, option_errors
+from ._philox import philox_words
+
+_DEFAULTS: dict[str, Any] = dict(
+    softmax_scale=None,
+    causal=False,
+    causal_alignment="bottom_right",
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    bias=None,
+    mask=None,
+    dropout_p=0.0,
+    seed=None,
+    dropout_mask=None,
+    dropout_offset=0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    layout="bshd",
+    deterministic=False,
+)
+
+
+def forward(q, k, v, *, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+            window_size=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
+            dropout_p=0.0, seed=None, dropout_mask=None, dropout_offset=0,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+            layout="bshd", deterministic=False) -> tuple[np.ndarray, np.ndarray]:
+    """Attention output and log-sum-exp, both float64.
+
+    Shapes: layout "bshd": q (B, Nq, H, D), k/v (B, Nk, Hkv, D); "bhsd": q (B, H, Nq, D),
+    k/v (B, Hkv, Nk, D); out has q's layout and lse is (B, H, Nq). Varlen (layout ignored):
+    q (total_q, H, D), k/v (total_k, Hkv, D), out (total_q, H, D), lse (H, total_q).
+    `deterministic` is accepted and ignored: the reference has no reduction order to fix.
+    """
+    options = {name: value for name, value in locals().items() if name not in ("q", "k", "v")}
+    problem = _Problem.build(q, k, v, options)
+    outs, lses = [], []
+    for seg in problem.segments:
+        q_seg, k_seg, v_seg = seg.take(problem, q=problem.q, k=problem.k, v=problem.v)
+        _, s = _scores(problem, seg, q_seg, k_seg)
+        lse = _logsumexp(s)
+        p_drop = _dropped(problem, seg, _probabilities(s, lse))
+        outs.append(np.einsum("bhij,bhjd->bhid", p_drop, _repeat_kv(v_seg, problem.group)))
+        lses.append(lse)
+    out_shape = problem.q.shape[:-1] + (problem.value_dim,)
+    return problem.put(outs, out_shape, "rows_q"), problem.put_lse(lses)
+
+
+def backward(dout, q, k, v, out, lse, **options) -> tuple[np.ndarray, ...]:
+    """Gradients (dq, dk, dv), plus dbias (bias's own shape) when a bias is given; float64.
+
+    Takes forward()'s options. Uses the analytic formulas with the GIVEN out and lse, as a
+    kernel does:  p = exp(s - lse) (0 where lse = -inf),  dv = p_drop^T dout,
+    dp = (dout v^T) * keep / (1 - dropout_p),  ds = p * (dp - rowsum(dout * out)),
+    dx = ds * (1 - tanh(x / softcap)**2) (ds without softcap),  dq = scale * dx k,
+    dk = scale * dx^T q;  dk and dv summed over the query heads of each kv group.
+    """
+    problem = _Problem.build(q, k, v, _with_defaults(options), dout=dout, out=out, lse=lse)
+    dqs, dks, dvs, dss = [], [], [], []
+    for seg in problem.segments:
+        q_seg, k_seg, v_seg, dout_seg, out_seg = seg.take(
+            problem, q=problem.q, k=problem.k, v=problem.v, dout=problem.dout, out=problem.out
+        )
+        k_rep, v_rep = _repeat_kv(k_seg, problem.group), _repeat_kv(v_seg, problem.group)
+        x, s = _scores(problem, seg, q_seg, k_seg)
+        p = _probabilities(s, seg.take_lse(problem))
+        dv = np.einsum("bhij,bhid->bhjd", _dropped(problem, seg, p), dout_seg)
+        dp = _dropped(problem, seg, np.einsum("bhid,bhjd->bhij", dout_seg, v_rep))
+        d_row = np.sum(dout_seg * out_seg, axis=-1)
+        ds = p * (dp - d_row[..., None])  # dL/ds: the score after softcap, ALiBi and bias
+        softcap = problem.options["softcap"]
+        dx = ds * (1.0 - np.tanh(x / softcap) ** 2) if softcap > 0 else ds
+        dk = problem.scale * np.einsum("bhij,bhid->bhjd", dx, q_seg)
+        dqs.append(problem.scale * np.einsum("bhij,bhjd->bhid", dx, k_rep))
+        dks.append(_sum_groups(dk, problem.heads_kv))
+        dvs.append(_sum_groups(dv, problem.heads_kv))
+        dss.append(ds)
+    grads = (
+        problem.put(dqs, problem.q.shape, "rows_q"),
+        problem.put(dks, problem.k.shape, "rows_k"),
+        problem.put(dvs, problem.v.shape, "rows_k"),
+    )
+    if problem.bias is None:
+        return grads
+    return grads + (problem.put_dbias(dss),)
+
+
+def probabilities(q, k, v, **options) -> np.ndarray:
+    """Softmax probabilities P (B, H, Nq, Nk) before dropout, float64; 0 on fully masked
+    rows. Takes forward()'s options; not defined for varlen (ValueError)."""
+    options = _with_defaults(options)
+    if options["cu_seqlens_q"] is not None or options["cu_seqlens_k"] is not None:
+        raise ValueError("probabilities() is not defined for varlen (cu_seqlens_q/k given)")
+    problem = _Problem.build(q, k, v, options)
+    (seg,) = problem.segments
+    q_seg, k_seg = seg.take(problem, q=problem.q, k=problem.k)
+    _, s = _scores(problem, seg, q_seg, k_seg)
+    return _probabilities(s, _logsumexp(s))
+
+
+def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, int],
+                      offset: int = 0, batch_offset: int = 0) -> np.ndarray:
+    """Which attention probabilities dropout keeps: a bool array of `shape` = (B, H, Nq, Nk).
+
+    Keyed by global coordinates only, never by tiling, so kernels with any block sizes (and
+    forward and backward) regenerate the same mask. Element (b, h, i, j) is kept when
+
+        word = Philox4x32-10(counter, key)[2 * ((i >> 3) & 1) + (j & 1)] >= threshold
+        counter = (j >> 1, (i >> 4) * 8 + (i & 7), (batch_offset + b) * H + h, offset)
+        key = (seed & 0xffffffff, seed >> 32),  threshold = floor(dropout_p * 2**32)
+
+    (every counter word mod 2**32). One Philox call serves rows i, i + 8 of a 16-row group
+    and columns j, j + 1: exactly the four accumulator elements one thread holds in an
+    m16n8 tensor-core fragment, so a kernel thread makes one call per fragment.
+    """
+    if seed is None or not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**64)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r} must satisfy 0 <= dropout_p < 1")
+    if len(shape) != 4 or any(n < 0 for n in shape):
+        raise ValueError(f"shape={shape!r} must be (batch, heads, seqlen_q, seqlen_k)")
+    batch, heads, seqlen_q, seqlen_k = (int(n) for n in shape)
+    # dropout_p * 2**32 is exact in float64 (a power-of-two scaling), so floor is exact.
+    threshold = min(math.floor(dropout_p * 2**32), 2**32 - 1)
+
+    rows, cols = np.arange(seqlen_q), np.arange(seqlen_k)
+    row_counter = (rows >> 4) * 8 + (rows & 7)  # rows i and i + 8 share a counter
+    num_row_counters = int(row_counter.max()) + 1 if seqlen_q else 0
+    batch_head = (batch_offset * heads + np.arange(batch * heads)) % 2**32  # (b + offset) * H + h
+    # One Philox call per distinct (batch * head, row counter, column pair) ...
+    words = np.stack(
+        philox_words(
+            np.arange((seqlen_k + 1) // 2)[None, None, :],
+            np.arange(num_row_counters)[None, :, None],
+            batch_head[:, None, None],
+            offset % 2**32,
+            seed & 0xFFFFFFFF,
+            (seed >> 32) & 0xFFFFFFFF,
+        ),
+        axis=-1,
+    )
+    # ... then each element picks its word out of its call's four.
+    word_index = 2 * ((rows[:, None] >> 3) & 1) + (cols[None, :] & 1)
+    picked = words[:, row_counter[:, None], (cols >> 1)[None, :], word_index]
+    return (picked >= threshold).reshape(batch, heads, seqlen_q, seqlen_k)
+
+
+# ---------------------------------------------------------------------------------------
+# The math, on one segment: a batch (dense) or one sequence (varlen), heads first,
+# q (nb, H, Nq, D), k and v (nb, Hkv, Nk, D).
+
+
+def _scores(problem: "_Problem", seg: "_Segment", q: np.ndarray, k: np.ndarray):
+    """x = scaled q.k (before softcap) and the final score s with -inf where masked,
+    both (nb, H, Nq, Nk)."""
+    opts = problem.options
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    x = problem.scale * np.einsum("bhid,bhjd->bhij", q, _repeat_kv(k, problem.group))
+    softcap = opts["softcap"]
+    s = softcap * np.tanh(x / softcap) if softcap > 0 else x
+    off = seqlen_k - seqlen_q if opts["causal_alignment"] == "bottom_right" else 0
+    aligned = np.arange(seqlen_q)[:, None] + off  # the key each query is aligned with
+    key = np.arange(seqlen_k)[None, :]
+    if problem.slopes is not None:
+        s = s - problem.slopes[seg.batch][:, :, None, None] * np.abs(aligned - key)
+    if problem.bias is not None:
+        s = s + problem.bias[seg.batch, :, :seqlen_q, :seqlen_k]
+    allowed = np.ones(s.shape, dtype=bool)
+    if problem.mask is not None:
+        allowed &= problem.mask[seg.batch, :, :seqlen_q, :seqlen_k]
+    if opts["causal"]:
+        allowed &= key <= aligned
+    left, right = opts["window_size"]
+    if left >= 0:
+        allowed &= key >= aligned - left
+    if right >= 0:
+        allowed &= key <= aligned + right
+    # -inf, not a large negative number: exp(-inf) is exactly 0, so a masked key adds
+    # nothing whatever the other scores are, and a row with no allowed key gets
+    # lse = -inf, which is how fully masked rows are recognised (also in backward).
+    return x, np.where(allowed, s, -np.inf)
+
+
+def _logsumexp(s: np.ndarray) -> np.ndarray:
+    """log(sum(exp(s))) over the last axis, shifted by the row max so exp cannot overflow.
+    A row of only -inf (no allowed key, or Nk = 0) gives -inf, not NaN."""
+    row_max = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
+    shift = np.where(np.isfinite(row_max), row_max, 0.0)
+    with np.errstate(divide="ignore"):  # log(0) = -inf on fully masked rows, on purpose
+        return np.log(np.sum(np.exp(s - shift), axis=-1)) + shift[..., 0]
+
+
+def _probabilities(s: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """p = exp(s - lse), and exactly 0 on rows whose lse is -inf (fully masked)."""
+    lse = lse[..., None]
+    live = np.isfinite(lse)
+    with np.errstate(over="ignore"):  # only possible on dead rows, which are replaced by 0
+        return np.where(live, np.exp(s - np.where(live, lse, 0.0)), 0.0)
+
+
+def _dropped(problem: "_Problem", seg: "_Segment", a: np.ndarray) -> np.ndarray:
+    """a * keep / (1 - dropout_p); a unchanged without dropout."""
+    opts = problem.options
+    seqlen_q, seqlen_k = a.shape[2], a.shape[3]
+    if problem.dropout_mask is not None:
+        keep = problem.dropout_mask[seg.batch, :, :seqlen_q, :seqlen_k]
+    elif opts["dropout_p"] > 0:
+        keep = dropout_keep_mask(opts["seed"], opts["dropout_p"], a.shape,
+                                 offset=opts["dropout_offset"], batch_offset=seg.batch.start)
+    else:
+        return a
+    return a * keep / (1.0 - opts["dropout_p"])
+
+
+def _repeat_kv(x: np.ndarray, group: int) -> np.ndarray:
+    """(nb, Hkv, N, D) -> (nb, H, N, D): query head h reads kv head h // group."""
+    return np.repeat(x, group, axis=1)
+
+
+def _sum_groups(x: np.ndarray, heads_kv: int) -> np.ndarray:
+    """(nb, H, N, D) -> (nb, Hkv, N, D): sum the gradients of the query heads of a group."""
+    nb, heads, n, d = x.shape
+    group = heads // heads_kv if heads_kv else 0
+    return x.reshape(nb, heads_kv, group, n, d).sum(axis=2)
+
+
+def _sum_to_shape(full: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Undo numpy broadcasting: sum `full` over the axes along which an array of `shape`
+    was broadcast to it (leading axes it lacks, and its size-1 axes)."""
+    full = full.sum(axis=tuple(range(full.ndim - len(shape))))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and full.shape[a] != 1)
+    return full.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes: checking, splitting into segments, and putting the results back.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """The part of the problem run as one dense attention: all batches (dense) or one
+    sequence (varlen), with its rows in the packed q and k (varlen only)."""
+
+    batch: slice
+    rows_q: slice
+    rows_k: slice
+
+    def take(self, problem: "_Problem", **arrays: np.ndarray) -> list[np.ndarray]:
+        """This segment's part of each array, heads first: (nb, heads, N, D). Arrays named
+        k and v are cut by rows_k, all others by rows_q."""
+        taken = []
+        for name, a in arrays.items():
+            if not problem.varlen:
+                taken.append(a if problem.options["layout"] == "bhsd" else a.transpose(0, 2, 1, 3))
+            else:
+                rows = self.rows_k if name in ("k", "v") else self.rows_q
+                taken.append(a[rows].transpose(1, 0, 2)[None])
+        return taken
+
+    def take_lse(self, problem: "_Problem") -> np.ndarray:
+        """This segment's lse, (nb, H, Nq)."""
+        return problem.lse[:, self.rows_q][None] if problem.varlen else problem.lse
+
+
+@dataclasses.dataclass
+class _Problem:
+    """Inputs as float64, the options with defaults filled in, and the segments."""
+
+    options: dict[str, Any]
+    varlen: bool
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    batch: int
+    heads: int
+    heads_kv: int
+    seqlen_q: int  # max_seqlen_q for varlen
+    seqlen_k: int
+    value_dim: int
+    scale: float
+    segments: list[_Segment]
+    slopes: np.ndarray | None = None  # (B, H)
+    bias: np.ndarray | None = None  # broadcast view, (B, H, seqlen_q, seqlen_k)
+    bias_shape: tuple[int, ...] = ()
+    mask: np.ndarray | None = None  # broadcast view, (B, H, seqlen_q, seqlen_k)
+    dropout_mask: np.ndarray | None = None  # broadcast view, (B, H, seqlen_q, seqlen_k)
+    dout: np.ndarray | None = None
+    out: np.ndarray | None = None
+    lse: np.ndarray | None = None
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.heads_kv if self.heads_kv else 1
+
+    @classmethod
+    def build(cls, q, k, v, options, dout=None, out=None, lse=None) -> "_Problem":
+        errors: list[str] = []
+        q, k, v = (_float64(a) for a in (q, k, v))
+        opts = dict(options)
+        scalar_opts = make_options(**{n: opts[n] for n in _SCALAR_OPTION_NAMES})
+        # The canonical spellings (window_size as a tuple, None softcap as 0.0, ...).
+        opts.update({n: getattr(scalar_opts, n) for n in _SCALAR_OPTION_NAMES})
+        errors += option_errors(scalar_opts)
+        offset = opts["dropout_offset"]
+        if not _is_int(offset) or offset < 0:
+            errors.append(f"dropout_offset={offset!r} must be a non-negative int")
+        varlen = opts["cu_seqlens_q"] is not None or opts["cu_seqlens_k"] is not None
+        if errors:
+            _raise(errors)  # the shape checks below rely on sane options
+        if varlen:
+            dims, segments = _varlen_dims(q, k, v, opts, errors)
+        else:
+            dims, segments = _dense_dims(q, k, v, opts, errors)
+        if errors:
+            _raise(errors)
+        batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim, value_dim = dims
+        problem = cls(
+            options=opts, varlen=varlen, q=q, k=k, v=v, batch=batch, heads=heads,
+            heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k, value_dim=value_dim,
+            scale=scalar_opts.scale_for(head_dim), segments=segments,
+        )
+        problem._attach_option_arrays(errors)
+        problem._attach_gradient_inputs(dout, out, lse, errors)
+        if errors:
+            _raise(errors)
+        return problem
+
+    def _attach_option_arrays(self, errors: list[str]) -> None:
+        opts = self.options
+        scores_shape = (self.batch, self.heads, self.seqlen_q, self.seqlen_k)
+        slopes = opts["alibi_slopes"]
+        if slopes is not None:
+            slopes = _float64(slopes)
+            if slopes.shape not in ((self.heads,), (self.batch, self.heads)):
+                errors.append(f"alibi_slopes has shape {slopes.shape}; expected "
+                              f"({self.heads},) or ({self.batch}, {self.heads})")
+            else:
+                self.slopes = np.broadcast_to(slopes, (self.batch, self.heads))
+        if opts["bias"] is not None:
+            bias = _float64(opts["bias"])
+            self.bias_shape = bias.shape
+            self.bias = _broadcast("bias", bias, scores_shape, errors)
+        for name in ("mask", "dropout_mask"):
+            if opts[name] is not None:
+                array = np.asarray(opts[name])
+                if array.dtype != np.bool_:
+                    errors.append(f"{name} has dtype {array.dtype}; it must be bool "
+                                  "(True = attend / keep)")
+                else:
+                    setattr(self, name, _broadcast(name, array, scores_shape, errors))
+        if opts["dropout_p"] > 0 and opts["dropout_mask"] is None and opts["seed"] is None:
+            errors.append(f"seed=None but dropout_p={opts['dropout_p']!r} > 0: dropout needs "
+                          "a seed (or an explicit dropout_mask)")
+
+    def _attach_gradient_inputs(self, dout, out, lse, errors: list[str]) -> None:
+        if dout is None and out is None and lse is None:
+            return
+        out_shape = self.q.shape[:-1] + (self.value_dim,)
+        if self.varlen:
+            lse_shape = (self.heads, self.q.shape[0])
+        else:
+            lse_shape = (self.batch, self.heads, self.seqlen_q)
+        expected = (("dout", dout, out_shape), ("out", out, out_shape), ("lse", lse, lse_shape))
+        for name, array, shape in expected:
+            array = _float64(array)
+            if array.shape != shape:
+                errors.append(f"{name} has shape {array.shape}; expected {shape}")
+            setattr(self, name, array)
+
+    # Putting per-segment results (heads first) back into the caller's layout.
+
+    def put(self, parts: list[np.ndarray], shape: tuple[int, ...], rows: str) -> np.ndarray:
+        """Segments' results (nb, heads, N, dim) as one array of `shape` in the caller's
+        layout; `rows` names the segment field ("rows_q" or "rows_k") that places them."""
+        if not self.varlen:
+            (part,) = parts
+            return part if self.options["layout"] == "bhsd" else part.transpose(0, 2, 1, 3)
+        # Rows past the last sequence (total > cu_seqlens[-1]) belong to no sequence: 0.
+        packed = np.zeros(shape)
+        for seg, part in zip(self.segments, parts):
+            packed[getattr(seg, rows)] = part[0].transpose(1, 0, 2)
+        return packed
+
+    def put_lse(self, parts: list[np.ndarray]) -> np.ndarray:
+        if not self.varlen:
+            return parts[0]
+        packed = np.full((self.heads, self.q.shape[0]), -np.inf)
+        for seg, part in zip(self.segments, parts):
+            packed[:, seg.rows_q] = part[0]
+        return packed
+
+    def put_dbias(self, parts: list[np.ndarray]) -> np.ndarray:
+        full = np.zeros((self.batch, self.heads, self.seqlen_q, self.seqlen_k))
+        for seg, ds in zip(self.segments, parts):
+            full[seg.batch, :, : ds.shape[2], : ds.shape[3]] = ds
+        return _sum_to_shape(full, self.bias_shape)
+
+
+_SCALAR_OPTION_NAMES = ("softmax_scale", "causal", "causal_alignment", "window_size",
+                        "softcap", "dropout_p", "seed", "max_seqlen_q", "max_seqlen_k",
+                        "deterministic", "layout")
+
+
+def _dense_dims(q, k, v, opts, errors):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        errors.append(f"q, k, v must be 4-D ({opts['layout']}); got shapes "
+                      f"{q.shape}, {k.shape}, {v.shape}")
+        return None, None
+    if opts["layout"] == "bhsd":
+        (batch, heads, seqlen_q, head_dim), (_, heads_kv, seqlen_k, _) = q.shape, k.shape
+        v_heads, v_seqlen = v.shape[1], v.shape[2]
+    else:
+        (batch, seqlen_q, heads, head_dim), (_, seqlen_k, heads_kv, _) = q.shape, k.shape
+        v_heads, v_seqlen = v.shape[2], v.shape[1]
+    if not k.shape[0] == v.shape[0] == batch:
+        errors.append(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if (v_heads, v_seqlen) != (heads_kv, seqlen_k):
+        errors.append(f"k {k.shape} and v {v.shape} differ in heads or seqlen ({opts['layout']})")
+    _check_heads_and_dim(q.shape, k.shape, heads, heads_kv, head_dim, k.shape[-1], errors)
+    dims = (batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim, v.shape[-1])
+    return dims, [_Segment(batch=slice(0, batch), rows_q=slice(None), rows_k=slice(None))]
+
+
+def _varlen_dims(q, k, v, opts, errors):
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        errors.append(f"varlen q, k, v must be 3-D (total, heads, dim); got shapes "
+                      f"{q.shape}, {k.shape}, {v.shape}")
+        return None, None
+    (total_q, heads, head_dim), (total_k, heads_kv, _) = q.shape, k.shape
+    if v.shape[:2] != (total_k, heads_kv):
+        errors.append(f"k {k.shape} and v {v.shape} differ in total_k or heads")
+    _check_heads_and_dim(q.shape, k.shape, heads, heads_kv, head_dim, k.shape[-1], errors)
+    cu = {}
+    for name, total in (("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k)):
+        if opts[name] is None:
+            errors.append(f"{name}=None: varlen needs both cu_seqlens_q and cu_seqlens_k")
+            continue
+        starts = np.asarray(opts[name])
+        if starts.ndim != 1 or starts.size < 1 or not np.issubdtype(starts.dtype, np.integer):
+            errors.append(f"{name} must be a 1-D integer array of length batch + 1; got "
+                          f"shape {starts.shape}, dtype {starts.dtype}")
+        elif starts[0] != 0 or np.any(np.diff(starts) < 0) or starts[-1] > total:
+            errors.append(f"{name}={starts.tolist()} must start at 0, never decrease, and "
+                          f"end at most at {total} (the rows given)")
+        else:
+            cu[name] = [int(n) for n in starts]
+    if len(cu) == 2 and len(cu["cu_seqlens_q"]) != len(cu["cu_seqlens_k"]):
+        errors.append(f"cu_seqlens_q has {len(cu['cu_seqlens_q'])} entries but cu_seqlens_k "
+                      f"has {len(cu['cu_seqlens_k'])}; both must be batch + 1")
+    if errors:
+        return None, None
+    cu_q, cu_k = cu["cu_seqlens_q"], cu["cu_seqlens_k"]
+    batch = len(cu_q) - 1
+    longest = {}
+    for name, starts in (("max_seqlen_q", cu_q), ("max_seqlen_k", cu_k)):
+        longest[name] = max((b - a for a, b in zip(starts, starts[1:])), default=0)
+        given = opts[name]
+        if given is not None and given < longest[name]:
+            errors.append(f"{name}={given} is shorter than the longest sequence, {longest[name]}")
+        longest[name] = longest[name] if given is None else int(given)
+    segments = [
+        _Segment(batch=slice(b, b + 1), rows_q=slice(cu_q[b], cu_q[b + 1]),
+                 rows_k=slice(cu_k[b], cu_k[b + 1]))
+        for b in range(batch)
+    ]
+    dims = (batch, heads, heads_kv, longest["max_seqlen_q"], longest["max_seqlen_k"],
+            head_dim, v.shape[-1])
+    return dims, segments
+
+
+def _check_heads_and_dim(q_shape, k_shape, heads, heads_kv, head_dim, k_head_dim, errors):
+    if heads_kv == 0 and heads != 0 or heads_kv and heads % heads_kv:
+        errors.append(f"q has {heads} heads, k and v {heads_kv}: the kv heads must divide "
+                      f"the query heads (q {q_shape}, k {k_shape})")
+    if head_dim != k_head_dim:
+        errors.append(f"q head dim {head_dim} != k head dim {k_head_dim} "
+                      f"(q {q_shape}, k {k_shape})")
+
+
+def _broadcast(name: str, array: np.ndarray, shape: tuple[int, ...], errors: list[str]):
+    try:
+        return np.broadcast_to(array, shape)
+    except ValueError:
+        errors.append(f"{name} has shape {array.shape}, which does not broadcast to "
+                      f"(batch, heads, seqlen_q, seqlen_k) = {shape}")
+        return None
+
+
+def _float64(a: Any) -> np.ndarray:
+    # np.asarray then astype handles ml_dtypes.bfloat16 and float16 exactly.
+    return np.asarray(a).astype(np.float64)
+
+
+def _with_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {list(_DEFAULTS)}")
+    return {**_DEFAULTS, **options}
+
+
+def _raise(errors: list[str]) -> None:
+    raise ValueError("invalid attention inputs:\n  - " + "\n  - ".join(errors))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

@@ -1,0 +1,45 @@
+"""Shared test configuration.
+
+Tests that need a CUDA GPU carry the `gpu` marker; on a machine without one they are
+skipped with a reason saying so (never counted as passed). `scripts/gpu-check` runs the
+whole suite on a GPU machine and writes reports/gpu-check.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "gpu", deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
+)
+settings.load_profile(os.environ.get("CUFLASH_HYPOTHESIS_PROFILE", "default"))
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_count() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, or no device
+        return 0
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, with that reason, where there is none)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none found on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

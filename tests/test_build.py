@@ -1,0 +1,166 @@
+"""The build stage, checked without a GPU: the params record matches the C struct, every
+shipped kernel variant compiles for sm_80 and sm_90 with NVRTC (in child processes, so a
+crashing ptxas fails a test instead of the run), and the cache key follows every source
+file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cuflash import _build, _params, _tiles
+
+nvrtc_available = True
+try:
+    _build.nvrtc_version()
+except Exception:  # noqa: BLE001 - no CuPy / NVRTC on this machine
+    nvrtc_available = False
+needs_nvrtc = pytest.mark.skipif(not nvrtc_available, reason="needs NVRTC (install the cuda12 or cuda13 extra)")
+
+
+def test_cuda_sources_are_found_from_the_installed_package():
+    root = _build.source_dir()
+    assert (root / "params.h").is_file()
+    assert {"flash_fwd.cu", "flash_bwd.cu"} <= {p.name for p in root.iterdir()}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_params_record_matches_the_c_struct(tmp_path):
+    dtype = _params.params_dtype()
+    lines = [f'printf("%s %zu\\n", "{n}", offsetof(struct Params, {n}));' for n in dtype.names]
+    program = textwrap.dedent(
+        """
+        #include <stdio.h>
+        #include <stddef.h>
+        #include "params.h"
+        int main(void) {
+            printf("sizeof %zu\\n", sizeof(struct Params));
+            %s
+            return 0;
+        }
+        """
+    ).replace("%s", "\n    ".join(lines))
+    (tmp_path / "offsets.c").write_text(program)
+    exe = tmp_path / "offsets"
+    subprocess.run(["cc", "-I", str(_build.source_dir()), str(tmp_path / "offsets.c"), "-o", str(exe)], check=True)
+    c_layout = dict(line.split() for line in subprocess.check_output([str(exe)]).decode().splitlines())
+    assert int(c_layout.pop("sizeof")) == dtype.itemsize
+    numpy_layout = {name: dtype.fields[name][1] for name in dtype.names}
+    assert {k: int(v) for k, v in c_layout.items()} == numpy_layout
+
+
+def test_params_field_sizes_match_their_c_types():
+    dtype = _params.params_dtype()
+    assert dtype.fields["q"][0] == np.uint64  # pointers
+    assert dtype.fields["q_row_stride"][0] == np.int64  # 64-bit strides
+    assert dtype.fields["head_dim"][0] == np.int32
+    assert dtype.fields["softmax_scale"][0] == np.float32
+
+
+def _compile(job):
+    variant, arch = job
+    try:
+        compiled = _build.compile_variant(variant, arch)
+    except _build.CompileError as exc:
+        return variant.tag, arch, None, str(exc)
+    return variant.tag, arch, compiled.seconds, compiled.log
+
+
+def _resources(log: str) -> dict[str, dict[str, int]]:
+    found = {}
+    for m in re.finditer(
+        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores.*?Used (\d+) registers",
+        log,
+        re.S,
+    ):
+        found[m.group(1)] = {"registers": int(m.group(4)), "stack": int(m.group(2)), "spill_stores": int(m.group(3))}
+    return found
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", _tiles.ARCHES)
+def test_every_shipped_variant_compiles(arch):
+    jobs = [(v, arch) for v in _tiles.shipped_variants(arch)]
+    assert len(jobs) >= 90
+    report = {}
+    failures = []
+    # Child processes: NVRTC's ptxas can take a process down on bad input.
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for tag, arch_, seconds, log in pool.map(_compile, jobs):
+            if seconds is None:
+                failures.append(f"{tag} {arch_}: {log[:2000]}")
+            else:
+                report[tag] = {"seconds": round(seconds, 2), "kernels": _resources(log)}
+    out = os.environ.get("CUFLASH_COMPILE_REPORT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"compile-{arch}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    assert not failures, "\n".join(failures)
+    for tag, entry in report.items():
+        kernels = entry["kernels"]
+        assert kernels, f"{tag}: no ptxas resource report"
+        if tag.startswith("flash_fwd"):
+            assert set(kernels) == {"cuflash_fwd"}
+        else:
+            assert set(kernels) == {"cuflash_bwd_prep", "cuflash_bwd_dkdv", "cuflash_bwd_dq", "cuflash_bwd_dq_convert"}
+
+
+@needs_nvrtc
+def test_cache_key_follows_header_edits(tmp_path, monkeypatch):
+    fake = tmp_path / "cuda_src"
+    shutil.copytree(_build.source_dir(), fake)
+    monkeypatch.setattr(_build, "source_dir", lambda: fake)
+    variant = _tiles.shipped_variants("sm_90")[0]
+    before = _build.cache_key(variant, "sm_90")
+    with open(fake / "softmax.cuh", "a") as f:
+        f.write("\n// an edit to a header\n")
+    _build._sources_cache.clear()
+    after = _build.cache_key(variant, "sm_90")
+    _build._sources_cache.clear()
+    assert before != after
+    assert _build.cache_key(variant, "sm_80") != _build.cache_key(variant, "sm_90")
+
+
+@needs_nvrtc
+def test_build_writes_the_cubin_once_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
+    variant = _tiles.forward_variant(np.dtype(np.float16), 64, False, _tiles.SMEM_LIMIT["sm_80"])[0]
+    path, seconds = _build.build(variant, "sm_80")
+    assert path.is_file() and path.parent == tmp_path and seconds > 0
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    again, seconds_again = _build.build(variant, "sm_80")
+    assert again == path and seconds_again == 0.0
+
+
+def test_tile_table_fits_every_arch_shared_memory():
+    for arch, limit in _tiles.SMEM_LIMIT.items():
+        for dtype in _tiles.ELEM_CODE:
+            for bucket in _tiles.HEAD_DIM_BUCKETS:
+                _, tiles, smem = _tiles.forward_variant(dtype, bucket, False, limit)
+                assert smem <= limit and tiles.block_m % 16 == 0
+                try:
+                    plan = _tiles.backward_variant(dtype, bucket, False, limit)
+                except _tiles.UnsupportedConfig:
+                    assert np.dtype(dtype) == np.float32 and bucket > 128 and limit < 150_000
+                    continue
+                assert plan.dkdv_smem <= limit and plan.dq_smem <= limit
+
+
+def test_head_dims_pad_to_buckets():
+    assert [_tiles.head_dim_bucket(d) for d in (1, 31, 32, 33, 64, 65, 255, 256)] == [32, 32, 32, 64, 64, 96, 256, 256]
+    with pytest.raises(ValueError, match="257"):
+        _tiles.head_dim_bucket(257)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
