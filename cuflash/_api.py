@@ -29,6 +29,16 @@ class _Call:
                 devices[name] = _interop.device_of(obj)
             except InteropError as exc:
                 reasons.append(f"{name}: {exc}")
+        for name in _ARRAY_OPTIONS:
+            value = getattr(opts, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                try:
+                    devices[name] = _interop.device_of(value)
+                except InteropError as exc:
+                    reasons.append(f"{name}: {exc}")
+        if len(set(devices.values())) > 1:
+            listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+            reasons.append(f"all arrays must be on one device; got {listing}")
         if reasons:
             raise _validate.ValidationError(where, reasons, [])
         self.device = devices["q"]
@@ -47,12 +57,7 @@ class _Call:
                 continue
             if isinstance(value, (list, tuple)):
                 value = self._upload(np.asarray(value, dtype=np.int32 if name.startswith("cu_") else np.float32))
-            try:
-                self.option_refs[name] = _interop.import_array(name, value, self.stream)
-            except InteropError as exc:
-                reasons.append(f"{name}: {exc}")
-        if reasons:
-            raise _validate.ValidationError(where, reasons, list(self.refs.values()))
+            self.option_refs[name] = _interop.import_array(name, value, self.stream)
         self.opts = opts
         self.dims = _validate.check(where, self.refs, opts, self.option_refs)
 
@@ -110,15 +115,6 @@ def _require_cupy(where: str) -> None:
         ) from exc
 
 
-def _needs_seed(where: str, opts: Options) -> None:
-    if opts.dropout_p > 0 and opts.seed is None:
-        raise _validate.ValidationError(
-            where,
-            [f"seed=None with dropout_p={opts.dropout_p}: give a seed so that the backward regenerates the same dropout mask"],
-            [],
-        )
-
-
 def forward(
     q: Any,
     k: Any,
@@ -147,7 +143,6 @@ def forward(
     (batch, num_heads, seqlen_q), or (num_heads, total_q) for a variable-length batch, and
     is -inf on rows that attend to no key. See README.md for every option's meaning."""
     opts = make_options(**{k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")})
-    _needs_seed("cuflash.forward", opts)
     return _forward(_Call("cuflash.forward", dict(q=q, k=k, v=v), opts))
 
 
@@ -215,7 +210,6 @@ def backward(
     opts = make_options(
         **{k_: v_ for k_, v_ in locals().items() if k_ not in ("dout", "q", "k", "v", "out", "lse")}
     )
-    _needs_seed("cuflash.backward", opts)
     call = _Call("cuflash.backward", dict(q=q, k=k, v=v, dout=dout, out=out, lse=lse), opts)
     return _backward(call)
 

@@ -78,6 +78,10 @@ def check(
 
     Raises ValidationError listing every problem; returns the dimensions otherwise."""
     reasons = option_errors(opts)
+    if isinstance(opts.dropout_p, (int, float)) and opts.dropout_p > 0 and opts.seed is None:
+        reasons.append(
+            f"seed=None with dropout_p={opts.dropout_p}: give a seed so that the backward regenerates the same dropout mask"
+        )
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     everything = list(arrays.values()) + list(option_arrays.values())
 

@@ -1,0 +1,488 @@
+"""PyTorch adapter: cuflash as a first-class PyTorch operator.
+
+Two custom operators wrap the framework-agnostic API:
+
+    torch.ops.cuflash.attention_fwd(q, k, v, ...)            -> (out, lse)
+    torch.ops.cuflash.attention_bwd(dout, q, k, v, out, lse, ...) -> (dq, dk, dv, dbias)
+
+Each has a fake (meta) implementation, and the forward an autograd formula that calls the
+backward, so they work under autograd, `torch.compile(fullgraph=True)` (no graph breaks),
+CUDA-graph capture and `torch.library.opcheck`. CUDA tensors run the kernels on PyTorch's
+current stream with outputs from PyTorch's allocator; CPU tensors take the float64
+reference. On top of the operators sit drop-in replacements:
+
+    scaled_dot_product_attention   torch.nn.functional's, layout (B, H, S, D)
+    flash_attn_func                FlashAttention-2's, layout (B, S, H, D)
+    flash_attn_varlen_func         FlashAttention-2's, packed (total, H, D)
+    attention                      every cuflash option, differentiable
+
+This module only moves tensors, streams and gradients: the attention math is in cuda_src/
+and cuflash.reference.
+
+Dropout seeds come from torch's CPU default generator (seeded by torch.manual_seed, like
+every device's): a host draw needs no device synchronisation, so it works under
+torch.compile and CUDA-graph capture. The seed is an operator input, saved for the
+backward, which regenerates the same dropout mask from it. A CUDA graph replays the seed
+it was captured with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import cuflash
+
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "attention_fwd",
+    "attention_bwd",
+]
+
+# The non-tensor options, in the operators' argument order (after the tensors). Window
+# sizes are two ints: custom-op schemas take no tuple defaults.
+_SCALAR_OPTIONS = (
+    "softmax_scale",
+    "causal",
+    "causal_alignment",
+    "window_left",
+    "window_right",
+    "softcap",
+    "dropout_p",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "deterministic",
+    "layout",
+)
+# The optional tensor inputs, in the operators' argument order.
+_OPTION_TENSORS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "seed")
+
+
+def _exportable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A tensor the core API can import through DLPack: detached (torch refuses to export
+    tensors that require grad; autograd supplies the gradient, not the export), with a unit
+    stride along its last dimension (the kernels load rows as vectors). Other strides,
+    broadcast (stride-0) dimensions included, are passed through as they are."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def _core_options(
+    bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+    softmax_scale, causal, causal_alignment, window_left, window_right, softcap, dropout_p,
+    max_seqlen_q, max_seqlen_k, deterministic, layout,
+) -> dict[str, Any]:
+    """The operator's arguments as cuflash.forward/backward keyword options."""
+    return dict(
+        bias=_exportable(bias),
+        mask=_exportable(mask),
+        alibi_slopes=_exportable(alibi_slopes),
+        cu_seqlens_q=_exportable(cu_seqlens_q),
+        cu_seqlens_k=_exportable(cu_seqlens_k),
+        # An int64 tensor holds the seed's 64 bits as a signed number; the core wants [0, 2**64).
+        seed=None if seed is None else int(seed.item()) % 2**64,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        causal_alignment=causal_alignment,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+        dropout_p=dropout_p,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        deterministic=deterministic,
+        layout=layout,
+    )
+
+
+# ---- the forward operator -----------------------------------------------------------------
+
+
+@torch.library.custom_op("cuflash::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+) -> tuple[Tensor, Tensor]:
+    """cuflash.forward as a PyTorch operator: returns (out, lse).
+
+    Options are cuflash's (README.md), with window_size split into window_left and
+    window_right, and the dropout seed given as an int64 tensor (read on the host)."""
+    opts = _core_options(
+        bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
+        causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
+        max_seqlen_k, deterministic, layout,
+    )
+    out, lse = cuflash.forward(_exportable(q), _exportable(k), _exportable(v), **opts)
+    # The host reference may hand back transposed views; the fake promises contiguous.
+    return out.contiguous(), lse.contiguous()
+
+
+def _lse_shape(q: Tensor, varlen: bool, layout: str) -> tuple:
+    if varlen:  # q is (total_q, heads, head_dim)
+        return (q.shape[1], q.shape[0])
+    if layout == "bhsd":
+        return (q.shape[0], q.shape[1], q.shape[2])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(
+    q, k, v, bias=None, mask=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    seed=None, softmax_scale=None, causal=False, causal_alignment="bottom_right",
+    window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, max_seqlen_q=None,
+    max_seqlen_k=None, deterministic=False, layout="bshd",
+):
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    # lse is float32, except for float64 inputs on the host (the reference keeps float64).
+    lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type != "cuda" else torch.float32
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(_lse_shape(q, varlen, layout), dtype=lse_dtype)
+    return out, lse
+
+
+# ---- the backward operator ----------------------------------------------------------------
+
+
+@torch.library.custom_op("cuflash::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    seed: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """cuflash.backward as a PyTorch operator: returns (dq, dk, dv, dbias). dbias has
+    bias's shape and dtype, and is an empty (0,) tensor when no bias is given (an operator
+    cannot return None). The options must be the forward's."""
+    opts = _core_options(
+        bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
+        causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
+        max_seqlen_k, deterministic, layout,
+    )
+    grads = cuflash.backward(
+        _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
+        _exportable(lse), **opts,
+    )
+    dq, dk, dv = (g.contiguous() for g in grads[:3])
+    dbias = grads[3].contiguous() if bias is not None else q.new_empty((0,))
+    return dq, dk, dv, dbias
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, **kwargs):
+    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+# ---- autograd -----------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.scalars = scalars
+    ctx.num_inputs = len(inputs)
+    # The backward has no formula for a gradient flowing into lse: say so to autograd
+    # rather than dropping one silently.
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.cuflash.attention_bwd(
+        grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+        seed, *ctx.scalars,
+    )
+    # A gradient for q, k, v and the bias; none for the mask, slopes, cu_seqlens, seed and
+    # the non-tensor options. Autograd drops dbias when the bias does not require grad.
+    grads = [dq, dk, dv, dbias if bias is not None else None]
+    return tuple(grads + [None] * (ctx.num_inputs - len(grads)))
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- differentiable entry points ----------------------------------------------------------
+
+
+def _seed_tensor(dropout_p: float, seed: Optional[int]) -> Optional[Tensor]:
+    """The seed as the operators take it: an int64 CPU tensor (None without dropout)."""
+    if not dropout_p > 0:
+        return None
+    if seed is None:
+        # Host draw from torch's default CPU generator: no device sync (see module doc).
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    seed = int(seed)
+    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+
+
+def _call(
+    q: Tensor, k: Tensor, v: Tensor, *, bias=None, mask=None, alibi_slopes=None,
+    cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, seed=None, softmax_scale=None,
+    causal=False, causal_alignment="bottom_right", window_size=(-1, -1), softcap=0.0,
+    max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd",
+) -> tuple[Tensor, Tensor]:
+    if window_size is None:
+        window_size = (-1, -1)
+    window_left, window_right = window_size
+    return torch.ops.cuflash.attention_fwd(
+        q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+        _seed_tensor(dropout_p, seed),
+        None if softmax_scale is None else float(softmax_scale),
+        bool(causal), causal_alignment, int(window_left), int(window_right),
+        float(softcap or 0.0), float(dropout_p or 0.0),
+        None if max_seqlen_q is None else int(max_seqlen_q),
+        None if max_seqlen_k is None else int(max_seqlen_k),
+        bool(deterministic), layout,
+    )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    layout: str = "bshd",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """cuflash.attention for torch tensors, differentiable in q, k, v and a float bias.
+
+    Takes every cuflash option (same names and meanings as cuflash.forward). With
+    dropout_p > 0 and seed=None a seed is drawn from torch's CPU generator. Returns out,
+    or (out, lse) with return_lse=True (lse carries no gradient)."""
+    out, lse = _call(
+        q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
+        causal=causal, causal_alignment=causal_alignment, window_size=window_size,
+        softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        deterministic=deterministic, layout=layout,
+    )
+    return (out, lse) if return_lse else out
+
+
+# ---- drop-in: torch.nn.functional.scaled_dot_product_attention ------------------------------
+
+
+def _as_bhsd(t: Tensor) -> Tensor:
+    """SDPA's (N..., H, S, E) as (batch, H, S, E): missing leading dims become 1, several
+    leading dims are flattened into one batch."""
+    if t.dim() == 4:
+        return t
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.reshape((-1,) + tuple(t.shape[-3:]))
+
+
+def _scores_operand_as_bhsd(m: Tensor, query: Tensor) -> Tensor:
+    """An attn_mask that broadcasts to (N..., H, L, S), as one that broadcasts to the
+    flattened (batch, H, L, S). Up to 4-D nothing changes (the core broadcasts NumPy-style,
+    which left-pads with 1s exactly as _as_bhsd does)."""
+    if query.dim() <= 4:
+        return m
+    lead = tuple(query.shape[:-3])
+    m = m.reshape((1,) * (query.dim() - m.dim()) + tuple(m.shape))
+    return m.expand(lead + tuple(m.shape[-3:])).reshape((-1,) + tuple(m.shape[-3:]))
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature: scale
+    and enable_gqa are keyword-only, as in aten's schema).
+
+    query (N..., Hq, L, E), key and value (N..., Hkv, S, E). A bool attn_mask is cuflash's
+    mask (True = attend); a float one is an additive bias, which receives a gradient when it
+    requires grad. is_causal is top-left aligned (PyTorch's convention) and, as in PyTorch's
+    documentation and math backend, excludes an attn_mask (RuntimeError; cuflash.torch.attention
+    takes both). Hq != Hkv needs enable_gqa=True. Like PyTorch,
+    dropout applies whenever dropout_p > 0 (the caller passes 0.0 in eval). Differences:
+    value's head dim must equal query's (NotImplementedError otherwise), and a row that
+    attends no key gives 0 (as PyTorch's math backend does; no NaN)."""
+    if query.dim() >= 3 and not enable_gqa and query.size(-3) != key.size(-3):
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query has {query.size(-3)} heads but key has "
+            f"{key.size(-3)} (dim -3); pass enable_gqa=True for grouped-query attention "
+            f"(query {tuple(query.shape)}, key {tuple(key.shape)})"
+        )
+    if is_causal and attn_mask is not None:
+        raise RuntimeError(
+            "scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True "
+            "(as in PyTorch; cuflash.torch.attention(..., causal=True, causal_alignment='top_left', "
+            "mask=..., bias=...) combines them)"
+        )
+    if value.size(-1) != query.size(-1):
+        raise NotImplementedError(
+            f"scaled_dot_product_attention: value head dim {value.size(-1)} != query head dim "
+            f"{query.size(-1)} is not supported by cuflash (value {tuple(value.shape)}, "
+            f"query {tuple(query.shape)})"
+        )
+    bias = mask = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = _scores_operand_as_bhsd(attn_mask, query)
+        else:
+            bias = _scores_operand_as_bhsd(attn_mask, query)
+    out, _ = _call(
+        _as_bhsd(query), _as_bhsd(key), _as_bhsd(value), bias=bias, mask=mask,
+        dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+        causal_alignment="top_left", layout="bhsd",
+    )
+    return out.reshape(query.shape)
+
+
+# ---- drop-ins: FlashAttention-2's flash_attn_func and flash_attn_varlen_func --------------
+
+
+def _fa2_return(out: Tensor, lse: Tensor, q: Tensor, dropout_p: float, return_attn_probs: bool):
+    if not return_attn_probs:
+        return out
+    # FlashAttention-2 returns (out, softmax_lse, S_dmask), S_dmask an empty (0,) tensor
+    # unless dropout_p > 0 (which the callers reject before computing anything).
+    return out, lse, q.new_empty((0,))
+
+
+def _fa2_unsupported(where: str, dropout_p: float, return_attn_probs: bool, **extra: Any) -> None:
+    if return_attn_probs and dropout_p > 0:
+        raise NotImplementedError(
+            f"{where}: return_attn_probs=True with dropout_p={dropout_p} > 0 asks for S_dmask, "
+            "the probability matrix with the dropout pattern encoded in its signs; cuflash "
+            "never materialises it (cuflash.reference.probabilities and "
+            "cuflash.reference.dropout_keep_mask give it for testing)"
+        )
+    for name, value in extra.items():
+        if value is not None:
+            raise NotImplementedError(f"{where}: {name} is not supported by cuflash (got {name}={value!r}); pass None")
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Drop-in for flash_attn.flash_attn_func (FlashAttention-2, same signature).
+
+    q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, heads_kv, head_dim);
+    causal is bottom-right aligned. Returns out, or (out, softmax_lse, S_dmask) with
+    return_attn_probs=True, softmax_lse (batch, heads, seqlen_q) and S_dmask an empty
+    tensor, as FlashAttention-2 returns it without dropout; return_attn_probs=True with
+    dropout_p > 0 raises NotImplementedError. A row that attends no key has output 0 and
+    softmax_lse -inf (FlashAttention-2 reports +inf there)."""
+    _fa2_unsupported("flash_attn_func", dropout_p, return_attn_probs)
+    out, lse = _call(
+        q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        causal=causal, causal_alignment="bottom_right", window_size=window_size,
+        softcap=softcap, deterministic=deterministic, layout="bshd",
+    )
+    return _fa2_return(out, lse, q, dropout_p, return_attn_probs)
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """Drop-in for flash_attn.flash_attn_varlen_func (FlashAttention-2 >= 2.6, same
+    signature, block_table included).
+
+    q (total_q, heads, head_dim), k and v (total_k, heads_kv, head_dim); cu_seqlens_q/k
+    int32 (batch + 1,). Returns out, or (out, softmax_lse, S_dmask) with softmax_lse
+    (heads, total_q). A paged KV cache (block_table) and return_attn_probs=True with
+    dropout_p > 0 raise NotImplementedError."""
+    _fa2_unsupported("flash_attn_varlen_func", dropout_p, return_attn_probs, block_table=block_table)
+    out, lse = _call(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        causal_alignment="bottom_right", window_size=window_size, softcap=softcap,
+        deterministic=deterministic,
+    )
+    return _fa2_return(out, lse, q, dropout_p, return_attn_probs)
