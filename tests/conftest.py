@@ -11,13 +11,20 @@ import functools
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
+# On a leased GPU machine: no shrinking (it re-runs kernels for minutes); report every
+# distinct failure with its falsifying example instead.
 settings.register_profile(
-    "gpu", deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
+    "gpu",
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+    report_multiple_bugs=True,
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("CUFLASH_HYPOTHESIS_PROFILE", "default"))
 
