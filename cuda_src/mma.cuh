@@ -19,7 +19,7 @@
 // rows of a float2 quarter-warp load) in distinct banks.
 template <typename T>
 struct SmemPad {
-    static constexpr int kElems = ElemInfo<T>::kIsFloat ? 8 : 8;
+    static constexpr int kElems = 8;  // 16 bytes of fp16/bf16, 32 bytes of fp32
 };
 
 template <typename T>
@@ -57,13 +57,21 @@ CF_DEVICE void mma_bf16(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
 CF_DEVICE void mma(float (&c)[4], const FragA<half_t>& a, const FragB<half_t>& b) { mma_f16(c, a.x, b.x); }
 CF_DEVICE void mma(float (&c)[4], const FragA<bf16_t>& a, const FragB<bf16_t>& b) { mma_bf16(c, a.x, b.x); }
 CF_DEVICE void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) {
-    // Smallest terms first, so they are not lost against the large ones.
-    mma_bf16(c, a.lo, b.hi);
-    mma_bf16(c, a.mid, b.mid);
-    mma_bf16(c, a.hi, b.lo);
-    mma_bf16(c, a.mid, b.hi);
-    mma_bf16(c, a.hi, b.mid);
-    mma_bf16(c, a.hi, b.hi);
+    // The tensor cores' fp32 accumulation truncates each sum to the precision of its
+    // largest operand. Adding six partial products straight into a long-running
+    // accumulator would lose up to an ulp of the running sum per instruction, all in the
+    // same direction; summing one k-step into a fresh register and adding that with a
+    // correctly rounded FADD keeps the error at the scale of the step. Smallest terms go
+    // first so they are not truncated against the large ones.
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_bf16(t, a.lo, b.hi);
+    mma_bf16(t, a.mid, b.mid);
+    mma_bf16(t, a.hi, b.lo);
+    mma_bf16(t, a.mid, b.hi);
+    mma_bf16(t, a.hi, b.mid);
+    mma_bf16(t, a.hi, b.hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c[i] += t[i];
 }
 
 // Split two floats into three packed bf16 pairs: x = hi + mid + lo (to ~2^-27).

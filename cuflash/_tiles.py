@@ -92,10 +92,17 @@ class UnsupportedConfig(ValueError):
     pass
 
 
+# (kernel, fp32, head-dim bucket) -> Tiles tried before the table (benchmarks/tune.py).
+OVERRIDES: dict[tuple[str, bool, int], Tiles] = {}
+
+
 def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int) -> Tiles:
     bucket = head_dim_bucket(head_dim)
     fp32 = np.dtype(dtype) == np.float32
     elem = 4 if fp32 else 2
+    forced = OVERRIDES.get((kernel, fp32, bucket))
+    if forced is not None and _SMEM[kernel](forced, bucket, elem) <= smem_limit:
+        return forced
     for name, is_fp32, max_d, tiles, _reason in _TABLE:
         if name == kernel and is_fp32 == fp32 and bucket <= max_d and _SMEM[kernel](tiles, bucket, elem) <= smem_limit:
             return tiles

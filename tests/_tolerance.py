@@ -151,9 +151,10 @@ def compare(name: str, got, ref, naive, dtype, factor: float) -> Comparison:
     if got.size == 0:
         return Comparison(name, 0.0, 0.0, (), 0.0, 0.0)
     both_inf = np.isinf(ref) & (got == ref)
-    diff = np.where(both_inf, 0.0, np.abs(got - ref))
+    with np.errstate(invalid="ignore"):  # inf - inf where both are -inf: zeroed by the where
+        diff = np.where(both_inf, 0.0, np.abs(got - ref))
+        ndiff = np.where(np.isinf(ref) & (naive == ref), 0.0, np.abs(naive - ref))
     diff = np.where(np.isnan(diff), np.inf, diff)
-    ndiff = np.where(np.isinf(ref) & (naive == ref), 0.0, np.abs(naive - ref))
     ndiff = np.where(np.isnan(ndiff), 0.0, ndiff)
     at = np.unravel_index(int(np.argmax(diff)), diff.shape)
     finite_ref = np.abs(ref[np.isfinite(ref)])

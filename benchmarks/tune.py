@@ -1,0 +1,109 @@
+"""Tile-shape candidates for the 16-bit kernels, checked against float64 and timed side
+by side (bf16, batch x seqlen = 16k tokens, heads x head_dim = 2048).
+
+    python benchmarks/tune.py --prebuild sm_90     # compile every candidate (no GPU needed)
+    python benchmarks/tune.py [--seqlen 4096]      # check and time them on the GPU
+
+Each line: kernel, head dim, causal, tiles, relative error vs float64, TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cuflash import _build, _tiles  # noqa: E402
+from cuflash._interop import BFLOAT16  # noqa: E402
+
+T = _tiles.Tiles
+CANDIDATES = {
+    ("fwd", 64): [T(128, 64, 4), T(64, 64, 4), T(128, 64, 8), T(128, 128, 8)],
+    ("fwd", 128): [T(128, 64, 8), T(128, 64, 4), T(128, 32, 4), T(64, 64, 4)],
+    ("fwd", 256): [T(64, 64, 4), T(64, 32, 4), T(128, 32, 8), T(128, 64, 8)],
+    ("bwd", 64): [T(64, 128, 8), T(64, 64, 4), T(128, 128, 8), T(64, 64, 8)],
+    ("bwd", 128): [T(64, 64, 8), T(64, 128, 8), T(64, 64, 4), T(128, 64, 8)],
+    ("bwd", 256): [T(64, 64, 8), T(32, 64, 4), T(64, 32, 4), T(64, 64, 4)],
+}
+
+
+def variants(arch: str):
+    limit = _tiles.SMEM_LIMIT[arch]
+    for (kernel, d), cands in CANDIDATES.items():
+        for tiles in cands:
+            _tiles.OVERRIDES.clear()
+            _tiles.OVERRIDES[(kernel, False, d)] = tiles
+            for general in (False,):
+                if kernel == "fwd":
+                    yield _tiles.forward_variant(BFLOAT16, d, general, limit)[0]
+                else:
+                    yield _tiles.backward_variant(BFLOAT16, d, general, limit).variant
+    _tiles.OVERRIDES.clear()
+
+
+def _build_one(job):
+    variant, arch = job
+    try:
+        _build.build(variant, arch)
+        return variant.tag, None
+    except _build.CompileError as exc:
+        return variant.tag, str(exc)[:500]
+
+
+def prebuild(arch: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(v, arch) for v in variants(arch)]
+    with ProcessPoolExecutor() as pool:
+        for tag, err in pool.map(_build_one, jobs):
+            print(("FAIL " + tag + ": " + err) if err else ("ok " + tag))
+
+
+def run(seqlen: int) -> None:
+    import torch
+    import triton.testing
+
+    import cuflash
+    from cuflash import reference
+
+    for (kernel, d), cands in CANDIDATES.items():
+        b, h = 16384 // seqlen, 2048 // d
+        for causal in (False, True):
+            g = torch.Generator(device="cuda").manual_seed(d)
+            q, k, v, do = (torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+            small = [t[:1, :300, :2].contiguous() for t in (q, k, v, do)]
+            args64 = [t.double().cpu().numpy() for t in small]
+            ref_out, ref_lse = reference.forward(*args64[:3], causal=causal)
+            ref_dq = reference.backward(args64[3], *args64[:3], ref_out, ref_lse, causal=causal)[0]
+            flops = 4 * b * h * seqlen * seqlen * d / (2 if causal else 1) * (1 if kernel == "fwd" else 2.5)
+            for tiles in cands:
+                _tiles.OVERRIDES.clear()
+                _tiles.OVERRIDES[(kernel, False, d)] = tiles
+                out, lse = cuflash.forward(*small[:3], causal=causal)
+                dq = cuflash.backward(small[3], *small[:3], out, lse, causal=causal)[0]
+                err_o = float(np.abs(out.double().cpu().numpy() - ref_out).max())
+                err_q = float(np.abs(dq.double().cpu().numpy() - ref_dq).max() / np.abs(ref_dq).max())
+                if kernel == "fwd":
+                    fn = lambda: cuflash.forward(q, k, v, causal=causal)  # noqa: E731
+                else:
+                    o, l = cuflash.forward(q, k, v, causal=causal)
+                    fn = lambda: cuflash.backward(do, q, k, v, o, l, causal=causal)  # noqa: E731
+                ms = triton.testing.do_bench(fn, warmup=30, rep=150, return_mode="median")
+                print(f"{kernel} d={d} causal={int(causal)} tiles=({tiles.block_m},{tiles.block_n},{tiles.warps}) "
+                      f"err_out={err_o:.1e} err_dq={err_q:.1e} {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+    _tiles.OVERRIDES.clear()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prebuild", metavar="ARCH")
+    ap.add_argument("--seqlen", type=int, default=4096)
+    a = ap.parse_args()
+    if a.prebuild:
+        prebuild(a.prebuild)
+    else:
+        run(a.seqlen)
