@@ -19,7 +19,8 @@
 // gradient (dS itself) are applied in the general variant only.
 //
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM, CF_HEAD_DIM, CF_GENERAL,
-// CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS (dK/dV kernel) and CF_DQ_BLOCK_M,
+// CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_BWD_STAGES (dK/dV kernel; 2 stages
+// load the next query tile's Q and dO while this one computes) and CF_DQ_BLOCK_M,
 // CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel).
 #include "common.cuh"
 #include "mask.cuh"
@@ -40,9 +41,10 @@ CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
     return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
 }
 
-// Recomputes P for one accumulator element and combines it with dP into dS.
-// x: raw q·k, returns dS (score-domain gradient times the softcap derivative) and sets
-// `p_out` to the (dropped, rescaled) probability that multiplies dO in dV.
+// Recomputes P for the four accumulator elements of an m16n8 tile and combines them
+// with dP into dS. On return `s` holds the probabilities that multiply dO in dV
+// (dropped and rescaled) and `dp` holds dS (the score gradient, times the softcap
+// derivative).
 template <bool kGeneral>
 struct GradElem {
     const Params& p;
@@ -51,30 +53,30 @@ struct GradElem {
     const SeqInfo& seq;
     int b, h, bh;
 
-    CF_DEVICE float score(float qk, int i, int j, bool full, float& tanh_value) const {
-        if constexpr (kGeneral) {
-            const bool ok = i < seq.seqlen_q && index_mask.allowed(i, j);
-            return mods.apply(qk, i, j, ok, tanh_value);
-        } else {
-            tanh_value = 0.f;
-            const float x = qk * p.scale_log2;
-            return (full || index_mask.allowed(i, j)) ? x : -CF_INF;
-        }
+    // Key limits of rows i and i + 8 (see IndexMask::row_limits).
+    CF_DEVICE void row_limits(int i, int (&lo)[2], int (&hi)[2]) const {
+        index_mask.row_limits(i, lo[0], hi[0]);
+        index_mask.row_limits(i + 8, lo[1], hi[1]);
     }
 
-    // s[e], dp[e]: the four elements (i, j), (i, j+1), (i+8, j), (i+8, j+1) of an m16n8
-    // tile with i the tile's row g. On return s holds P for dV and dp holds dS.
-    CF_DEVICE void tile4(float (&s)[4], float (&dp)[4], int i, int j, bool full, const float (&lse2)[2],
-                         const float (&dsum)[2]) const {
+    // Elements (i, j), (i, j+1), (i+8, j), (i+8, j+1) with i the tile's row g and j even.
+    // `full`: the whole tile is allowed (no index masking needed).
+    CF_DEVICE void tile4(float (&s)[4], float (&dp)[4], int i, int j, bool full, const int (&lo)[2],
+                         const int (&hi)[2], const float (&lse2)[2], const float (&dsum)[2]) const {
         bool keep[4] = {true, true, true, true};
         const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
         if (dropout) dropout_keep4(p, bh, i, j, keep);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
-            float th;
-            const float x = score(s[e], ii, jj, full, th);
-            const float prob = fast_exp2(x - lse2[r]);
+            const bool in_band = jj >= lo[r] && jj <= hi[r];
+            float x, th = 0.f;
+            if constexpr (kGeneral) {
+                x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
+            } else {
+                x = (full || in_band) ? s[e] * p.scale_log2 : -CF_INF;
+            }
+            const float prob = fast_exp2(x - lse2[r]);  // lse2 = +inf on padded rows: 0
             float dprob = dp[e];
             float pv = prob;
             if (dropout) {
@@ -132,7 +134,7 @@ CF_DEVICE void bwd_prep(const Params& p) {
 
 // ---- dK, dV (and atomic dQ) --------------------------------------------------------------
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, int kStages>
 struct BwdKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;   // Q, dO, K, V tiles
@@ -150,8 +152,7 @@ struct BwdKernel {
     static constexpr int kMTq = kBlockM / kWmQ / 16, kDTq = kHeadDim / kWdQ / 8;
     static_assert(kWmS * kWnS == kNWarps && kWnKV * kWdKV == kNWarps, "warp layout");
     static_assert(kNTs % 2 == 0 && kDTkv % 2 == 0 && kDTq % 2 == 0, "B fragments load in pairs of n8 tiles");
-    static constexpr int kSmemBytes =
-        (2 * kBlockN * kLd + 2 * kBlockM * kLd + 2 * kBlockM * kLdS) * (int)sizeof(T) + 2 * kBlockM * 4;
+    static_assert(kStages == 1 || kStages == 2, "Q/dO buffering");
 
     static CF_DEVICE void run(const Params& p, char* smem) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -167,14 +168,15 @@ struct BwdKernel {
         const IndexMask index_mask(p, seq);
         const int group = p.num_heads / p.num_heads_kv;
 
+        // Shared memory: K, V | kStages x (Q, dO) | P, dS | kStages x (lse, Dsum) rows.
         T* sK = reinterpret_cast<T*>(smem);
         T* sV = sK + kBlockN * kLd;
-        T* sQ = sV + kBlockN * kLd;
-        T* sdO = sQ + kBlockM * kLd;
-        T* sP = sdO + kBlockM * kLd;
+        T* sQ0 = sV + kBlockN * kLd;
+        T* sdO0 = sQ0 + kStages * kBlockM * kLd;
+        T* sP = sdO0 + kStages * kBlockM * kLd;
         T* sdS = sP + kBlockM * kLdS;
-        float* sLse = reinterpret_cast<float*>(sdS + kBlockM * kLdS);
-        float* sDsum = sLse + kBlockM;
+        float* sLse0 = reinterpret_cast<float*>(sdS + kBlockM * kLdS);
+        float* sDsum0 = sLse0 + kStages * kBlockM;
 
         const T* k = static_cast<const T*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk) +
                      (i64)n0 * p.k_row_stride;
@@ -182,6 +184,36 @@ struct BwdKernel {
                      (i64)n0 * p.v_row_stride;
         load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k, p.k_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_K, tid);
         load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, v, p.v_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_V, tid);
+
+        // The tile's work: every query head of the kv group times the query blocks that
+        // can see these keys, flattened into one sequence of iterations.
+        int m_lo, m_hi;
+        index_mask.query_blocks(n0, kBlockN, kBlockM, m_lo, m_hi);
+        const int per_head = max(m_hi - m_lo, 0);
+        const int iterations = group * per_head;
+
+        // Loads of iteration `it` into buffer `stage`: Q and dO by cp.async, the rows'
+        // lse and Dsum by plain loads (+inf and 0 on padded rows: P = 0 there).
+        auto issue = [&](int it, int stage) {
+            const int h = hk * group + it / per_head;
+            const int m0 = (m_lo + it % per_head) * kBlockM;
+            const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+            const T* q = static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h) +
+                         (i64)m0 * p.q_row_stride;
+            const T* dout = static_cast<const T*>(p.dout) +
+                            seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h) + (i64)m0 * p.do_row_stride;
+            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ0 + stage * kBlockM * kLd, q, p.q_row_stride, rows_q,
+                                                           p.head_dim, p.aligned & CF_ALIGN_Q, tid);
+            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO0 + stage * kBlockM * kLd, dout, p.do_row_stride, rows_q,
+                                                           p.head_dim, p.aligned & CF_ALIGN_DO, tid);
+            const i64 ws = ws_offset(p, seq, b, h) + m0;
+            for (int r = tid; r < kBlockM; r += kThreads) {
+                const bool in = r < rows_q;
+                sLse0[stage * kBlockM + r] = in ? p.lse_log2[ws + r] : CF_INF;
+                sDsum0[stage * kBlockM + r] = in ? p.dsum[ws + r] : 0.f;
+            }
+        };
+        if (kStages == 2 && iterations > 0) issue(0, 0);
         cp_async_commit();
 
         // This warp's sub-tiles.
@@ -197,149 +229,147 @@ struct BwdKernel {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc_dk[mt][dt][e] = acc_dv[mt][dt][e] = 0.f;
 
-        int m_lo, m_hi;
-        index_mask.query_blocks(n0, kBlockN, kBlockM, m_lo, m_hi);
-
-        for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int it = 0; it < iterations; ++it) {
+            const int stage = kStages == 2 ? (it & 1) : 0;
+            if (kStages == 1) {
+                __syncthreads();  // the previous iteration's readers of sQ, sdO, sP, sdS are done
+                issue(it, 0);
+                cp_async_commit();
+            }
+            cp_async_wait<0>();
+            __syncthreads();  // this iteration's tiles landed; the other buffer is free
+            if (kStages == 2 && it + 1 < iterations) {
+                issue(it + 1, stage ^ 1);  // overlaps with this iteration's compute
+                cp_async_commit();
+            }
+            const int h = hk * group + it / per_head;
+            const int m0 = (m_lo + it % per_head) * kBlockM;
+            const int rows_q = min(kBlockM, seq.seqlen_q - m0);
             const ScoreMods mods(p, seq, b, h);
             const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, b * p.num_heads + h};
-            const T* q = static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h);
-            const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h);
-            const i64 ws = ws_offset(p, seq, b, h);
+            const T* sQ = sQ0 + stage * kBlockM * kLd;
+            const T* sdO = sdO0 + stage * kBlockM * kLd;
+            const float* sLse = sLse0 + stage * kBlockM;
+            const float* sDsum = sDsum0 + stage * kBlockM;
 
-            for (int m_block = m_lo; m_block < m_hi; ++m_block) {
-                const int m0 = m_block * kBlockM;
-                const int rows_q = min(kBlockM, seq.seqlen_q - m0);
-                __syncthreads();  // the previous tile's readers of sQ, sdO, sP, sdS are done
-                load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ, q + (i64)m0 * p.q_row_stride, p.q_row_stride, rows_q,
-                                                               p.head_dim, p.aligned & CF_ALIGN_Q, tid);
-                load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO, dout + (i64)m0 * p.do_row_stride, p.do_row_stride,
-                                                               rows_q, p.head_dim, p.aligned & CF_ALIGN_DO, tid);
-                cp_async_commit();
-                for (int r = tid; r < kBlockM; r += kThreads) {
-                    const bool in = r < rows_q;
-                    sLse[r] = in ? p.lse_log2[ws + m0 + r] : CF_INF;  // +inf: P = 0 on padded rows
-                    sDsum[r] = in ? p.dsum[ws + m0 + r] : 0.f;
-                }
-                cp_async_wait<0>();
-                __syncthreads();
-
-                // S = Q Kᵀ and dP = dO Vᵀ for this warp's sub-tile.
-                float s[kMTs][kNTs][4], dp[kMTs][kNTs][4];
+            // S = Q Kᵀ and dP = dO Vᵀ for this warp's sub-tile.
+            float s[kMTs][kNTs][4], dp[kMTs][kNTs][4];
 #pragma unroll
-                for (int mt = 0; mt < kMTs; ++mt)
+            for (int mt = 0; mt < kMTs; ++mt)
 #pragma unroll
-                    for (int nt = 0; nt < kNTs; ++nt)
+                for (int nt = 0; nt < kNTs; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+                    for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
 #pragma unroll
-                for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-                    FragA<T> aq[kMTs], ado[kMTs];
-#pragma unroll
-                    for (int mt = 0; mt < kMTs; ++mt) {
-                        load_a<T, kLd>(aq[mt], sQ, s_r0 + mt * 16, kk * 16, lane);
-                        load_a<T, kLd>(ado[mt], sdO, s_r0 + mt * 16, kk * 16, lane);
-                    }
-#pragma unroll
-                    for (int np = 0; np < kNTs / 2; ++np) {
-                        FragB<T> b0, b1;
-                        load_b2<T, kLd>(b0, b1, sK, s_c0 + np * 16, kk * 16, lane);
-#pragma unroll
-                        for (int mt = 0; mt < kMTs; ++mt) {
-                            mma(s[mt][2 * np], aq[mt], b0);
-                            mma(s[mt][2 * np + 1], aq[mt], b1);
-                        }
-                        load_b2<T, kLd>(b0, b1, sV, s_c0 + np * 16, kk * 16, lane);
-#pragma unroll
-                        for (int mt = 0; mt < kMTs; ++mt) {
-                            mma(dp[mt][2 * np], ado[mt], b0);
-                            mma(dp[mt][2 * np + 1], ado[mt], b1);
-                        }
-                    }
-                }
-
-                // P and dS, then both to shared memory for the transposed products.
-                const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+            for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+                FragA<T> aq[kMTs], ado[kMTs];
 #pragma unroll
                 for (int mt = 0; mt < kMTs; ++mt) {
-                    const int r = s_r0 + mt * 16 + g;
-                    const float lse2[2] = {sLse[r], sLse[r + 8]};
-                    const float dsum[2] = {sDsum[r], sDsum[r + 8]};
-#pragma unroll
-                    for (int nt = 0; nt < kNTs; ++nt)
-                        grad.tile4(s[mt][nt], dp[mt][nt], m0 + r, n0 + s_c0 + nt * 8 + 2 * t, full, lse2, dsum);
-                    store_acc<T, kLdS>(sP, s[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
-                    store_acc<T, kLdS>(sdS, dp[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
+                    load_a<T, kLd>(aq[mt], sQ, s_r0 + mt * 16, kk * 16, lane);
+                    load_a<T, kLd>(ado[mt], sdO, s_r0 + mt * 16, kk * 16, lane);
                 }
-                __syncthreads();
-
-                // dV += Pᵀ dO and dK += dSᵀ Q (contraction over the tile's queries).
 #pragma unroll
-                for (int kk = 0; kk < kBlockM / 16; ++kk) {
-                    FragA<T> ap[kMTkv], ads[kMTkv];
+                for (int np = 0; np < kNTs / 2; ++np) {
+                    FragB<T> b0, b1;
+                    load_b2<T, kLd>(b0, b1, sK, s_c0 + np * 16, kk * 16, lane);
+#pragma unroll
+                    for (int mt = 0; mt < kMTs; ++mt) {
+                        mma(s[mt][2 * np], aq[mt], b0);
+                        mma(s[mt][2 * np + 1], aq[mt], b1);
+                    }
+                    load_b2<T, kLd>(b0, b1, sV, s_c0 + np * 16, kk * 16, lane);
+#pragma unroll
+                    for (int mt = 0; mt < kMTs; ++mt) {
+                        mma(dp[mt][2 * np], ado[mt], b0);
+                        mma(dp[mt][2 * np + 1], ado[mt], b1);
+                    }
+                }
+            }
+
+            // P and dS, then both to shared memory for the transposed products.
+            const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+#pragma unroll
+            for (int mt = 0; mt < kMTs; ++mt) {
+                const int r = s_r0 + mt * 16 + g;
+                const float lse2[2] = {sLse[r], sLse[r + 8]};
+                const float dsum[2] = {sDsum[r], sDsum[r + 8]};
+                int lo[2], hi[2];
+                grad.row_limits(m0 + r, lo, hi);
+#pragma unroll
+                for (int nt = 0; nt < kNTs; ++nt)
+                    grad.tile4(s[mt][nt], dp[mt][nt], m0 + r, n0 + s_c0 + nt * 8 + 2 * t, full, lo, hi, lse2, dsum);
+                store_acc<T, kLdS>(sP, s[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
+                store_acc<T, kLdS>(sdS, dp[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
+            }
+            __syncthreads();
+
+            // dV += Pᵀ dO and dK += dSᵀ Q (contraction over the tile's queries).
+#pragma unroll
+            for (int kk = 0; kk < kBlockM / 16; ++kk) {
+                FragA<T> ap[kMTkv], ads[kMTkv];
+#pragma unroll
+                for (int mt = 0; mt < kMTkv; ++mt) {
+                    load_a_t<T, kLdS>(ap[mt], sP, kv_r0 + mt * 16, kk * 16, lane);
+                    load_a_t<T, kLdS>(ads[mt], sdS, kv_r0 + mt * 16, kk * 16, lane);
+                }
+#pragma unroll
+                for (int dp2 = 0; dp2 < kDTkv / 2; ++dp2) {
+                    FragB<T> b0, b1;
+                    load_b2_t<T, kLd>(b0, b1, sdO, kv_d0 + dp2 * 16, kk * 16, lane);
 #pragma unroll
                     for (int mt = 0; mt < kMTkv; ++mt) {
-                        load_a_t<T, kLdS>(ap[mt], sP, kv_r0 + mt * 16, kk * 16, lane);
-                        load_a_t<T, kLdS>(ads[mt], sdS, kv_r0 + mt * 16, kk * 16, lane);
+                        mma(acc_dv[mt][2 * dp2], ap[mt], b0);
+                        mma(acc_dv[mt][2 * dp2 + 1], ap[mt], b1);
                     }
+                    load_b2_t<T, kLd>(b0, b1, sQ, kv_d0 + dp2 * 16, kk * 16, lane);
 #pragma unroll
-                    for (int dp2 = 0; dp2 < kDTkv / 2; ++dp2) {
-                        FragB<T> b0, b1;
-                        load_b2_t<T, kLd>(b0, b1, sdO, kv_d0 + dp2 * 16, kk * 16, lane);
-#pragma unroll
-                        for (int mt = 0; mt < kMTkv; ++mt) {
-                            mma(acc_dv[mt][2 * dp2], ap[mt], b0);
-                            mma(acc_dv[mt][2 * dp2 + 1], ap[mt], b1);
-                        }
-                        load_b2_t<T, kLd>(b0, b1, sQ, kv_d0 + dp2 * 16, kk * 16, lane);
-#pragma unroll
-                        for (int mt = 0; mt < kMTkv; ++mt) {
-                            mma(acc_dk[mt][2 * dp2], ads[mt], b0);
-                            mma(acc_dk[mt][2 * dp2 + 1], ads[mt], b1);
-                        }
+                    for (int mt = 0; mt < kMTkv; ++mt) {
+                        mma(acc_dk[mt][2 * dp2], ads[mt], b0);
+                        mma(acc_dk[mt][2 * dp2 + 1], ads[mt], b1);
                     }
                 }
+            }
 
-                if (p.flags & CF_DQ_ATOMIC) {
-                    // dQ += dS K (contraction over the tile's keys), added into fp32.
-                    float acc_dq[kMTq][kDTq][4];
+            if (p.flags & CF_DQ_ATOMIC) {
+                // dQ += dS K (contraction over the tile's keys), added into fp32.
+                float acc_dq[kMTq][kDTq][4];
 #pragma unroll
-                    for (int mt = 0; mt < kMTq; ++mt)
+                for (int mt = 0; mt < kMTq; ++mt)
 #pragma unroll
-                        for (int dt = 0; dt < kDTq; ++dt)
+                    for (int dt = 0; dt < kDTq; ++dt)
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
+                        for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
 #pragma unroll
-                    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-                        FragA<T> a[kMTq];
+                for (int kk = 0; kk < kBlockN / 16; ++kk) {
+                    FragA<T> a[kMTq];
 #pragma unroll
-                        for (int mt = 0; mt < kMTq; ++mt) load_a<T, kLdS>(a[mt], sdS, q_r0 + mt * 16, kk * 16, lane);
+                    for (int mt = 0; mt < kMTq; ++mt) load_a<T, kLdS>(a[mt], sdS, q_r0 + mt * 16, kk * 16, lane);
 #pragma unroll
-                        for (int dp2 = 0; dp2 < kDTq / 2; ++dp2) {
-                            FragB<T> b0, b1;
-                            load_b2_t<T, kLd>(b0, b1, sK, q_d0 + dp2 * 16, kk * 16, lane);
+                    for (int dp2 = 0; dp2 < kDTq / 2; ++dp2) {
+                        FragB<T> b0, b1;
+                        load_b2_t<T, kLd>(b0, b1, sK, q_d0 + dp2 * 16, kk * 16, lane);
 #pragma unroll
-                            for (int mt = 0; mt < kMTq; ++mt) {
-                                mma(acc_dq[mt][2 * dp2], a[mt], b0);
-                                mma(acc_dq[mt][2 * dp2 + 1], a[mt], b1);
+                        for (int mt = 0; mt < kMTq; ++mt) {
+                            mma(acc_dq[mt][2 * dp2], a[mt], b0);
+                            mma(acc_dq[mt][2 * dp2 + 1], a[mt], b1);
+                        }
+                    }
+                }
+                const i64 ws = ws_offset(p, seq, b, h) + m0;
+#pragma unroll
+                for (int mt = 0; mt < kMTq; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int row = q_r0 + mt * 16 + g + 8 * r;
+                        if (row < rows_q) {
+                            float* acc = p.dq_accum + (ws + row) * kHeadDim + q_d0 + 2 * t;
+#pragma unroll
+                            for (int dt = 0; dt < kDTq; ++dt) {
+                                atomicAdd(acc + dt * 8, acc_dq[mt][dt][2 * r]);
+                                atomicAdd(acc + dt * 8 + 1, acc_dq[mt][dt][2 * r + 1]);
                             }
                         }
                     }
-#pragma unroll
-                    for (int mt = 0; mt < kMTq; ++mt)
-#pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const int row = q_r0 + mt * 16 + g + 8 * r;
-                            if (row < rows_q) {
-                                float* acc = p.dq_accum + (ws + m0 + row) * kHeadDim + q_d0 + 2 * t;
-#pragma unroll
-                                for (int dt = 0; dt < kDTq; ++dt) {
-                                    atomicAdd(acc + dt * 8, acc_dq[mt][dt][2 * r]);
-                                    atomicAdd(acc + dt * 8 + 1, acc_dq[mt][dt][2 * r + 1]);
-                                }
-                            }
-                        }
-                }
             }
         }
 
@@ -411,6 +441,8 @@ struct DqKernel {
             dsum[r] = row < rows_q ? p.dsum[ws + m0 + row] : 0.f;
         }
 
+        int lo[2], hi[2];
+        grad.row_limits(m0 + row_g, lo, hi);
         float acc_dq[kDT][4];
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) acc_dq[dt][0] = acc_dq[dt][1] = acc_dq[dt][2] = acc_dq[dt][3] = 0.f;
@@ -452,7 +484,8 @@ struct DqKernel {
             }
             const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) grad.tile4(s[nt], dp[nt], m0 + row_g, n0 + nt * 8 + 2 * t, full, lse2, dsum);
+            for (int nt = 0; nt < kNT; ++nt)
+                grad.tile4(s[nt], dp[nt], m0 + row_g, n0 + nt * 8 + 2 * t, full, lo, hi, lse2, dsum);
             // dQ += dS K, dS straight from registers.
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -503,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_prep(const __grid_
 
 extern "C" __global__ void __launch_bounds__(CF_BWD_WARPS * 32) cuflash_bwd_dkdv(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
-    BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0>::run(p, smem);
+    BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0, CF_BWD_STAGES>::run(p, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(CF_DQ_WARPS * 32) cuflash_bwd_dq(const __grid_constant__ Params p) {

@@ -112,23 +112,49 @@ struct FwdKernel {
                 }
 
                 // Scores to log2 units; disallowed ones to -inf.
-                const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+                if constexpr (kGeneral) {
 #pragma unroll
-                for (int mt = 0; mt < kMT; ++mt)
+                    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt)
+                        for (int r = 0; r < 2; ++r) {
+                            const int i = warp_row0 + mt * 16 + g + 8 * r;
+                            int lo, hi;
+                            index_mask.row_limits(i, lo, hi);
+                            const bool row_ok = i < seq.seqlen_q;
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = warp_row0 + mt * 16 + g + (e >> 1) * 8, j = n0 + nt * 8 + 2 * t + (e & 1);
-                            if constexpr (kGeneral) {
-                                const bool ok = i < seq.seqlen_q && index_mask.allowed(i, j);
-                                float unused;
-                                s[mt][nt][e] = mods.apply(s[mt][nt][e], i, j, ok, unused);
-                            } else {
-                                s[mt][nt][e] *= p.scale_log2;
-                                if (!full && !index_mask.allowed(i, j)) s[mt][nt][e] = -CF_INF;
-                            }
+                            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                                for (int c = 0; c < 2; ++c) {
+                                    const int j = n0 + nt * 8 + 2 * t + c;
+                                    float unused;
+                                    s[mt][nt][2 * r + c] =
+                                        mods.apply(s[mt][nt][2 * r + c], i, j, row_ok && j >= lo && j <= hi, unused);
+                                }
                         }
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) s[mt][nt][e] *= p.scale_log2;
+                    if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
+#pragma unroll
+                        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                int lo, hi;
+                                index_mask.row_limits(warp_row0 + mt * 16 + g + 8 * r, lo, hi);
+#pragma unroll
+                                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                                    for (int c = 0; c < 2; ++c) {
+                                        const int j = n0 + nt * 8 + 2 * t + c;
+                                        if (j < lo || j > hi) s[mt][nt][2 * r + c] = -CF_INF;
+                                    }
+                            }
+                    }
+                }
 
                 cp_async_wait<0>();
                 __syncthreads();  // V(n) landed; every warp is done with K(n)

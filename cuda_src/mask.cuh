@@ -48,9 +48,17 @@ struct IndexMask {
     CF_DEVICE IndexMask(const Params& p, const SeqInfo& s)
         : seqlen_q(s.seqlen_q), seqlen_k(s.seqlen_k), diag(s.diag), left(p.window_left), right(p.window_right) {}
 
-    CF_DEVICE bool allowed(int i, int j) const {
+    // The keys [lo, hi] that query row i may attend (hi < lo when there are none).
+    // Computed once per row, so masking an element is two integer compares and a
+    // select, with no branch: a per-element branch splits the softmax into tiny basic
+    // blocks that the scheduler cannot interleave.
+    CF_DEVICE void row_limits(int i, int& lo, int& hi) const {
         const i64 d = (i64)i + diag;
-        return j < seqlen_k && (right < 0 || j <= d + right) && (left < 0 || j >= d - left);
+        i64 h = seqlen_k - 1, l = 0;
+        if (right >= 0) h = min(h, d + right);
+        if (left >= 0) l = max(l, d - left);
+        lo = (int)min(l, (i64)seqlen_k);
+        hi = (int)max(h, (i64)-1);
     }
 
     // Key blocks [lo, hi) that rows [m0, m0 + M) may attend.

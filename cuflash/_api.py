@@ -202,16 +202,23 @@ def backward(
     max_seqlen_k: int | None = None,
     deterministic: bool = False,
     layout: str = "bshd",
+    compute_dbias: bool = True,
 ) -> tuple[Any, ...]:
     """Gradients of exact attention given the forward's out and lse.
 
-    Returns (dq, dk, dv), and (dq, dk, dv, dbias) when a bias is given, in the caller's
-    array type. The options must be those of the forward call."""
+    Returns (dq, dk, dv), and (dq, dk, dv, dbias) when a bias is given and compute_dbias
+    is true, in the caller's array type. The options must be those of the forward call.
+    compute_dbias=False skips the bias gradient and its dense fp32
+    (batch, heads, seqlen_q, seqlen_k) workspace (an additive mask needs no gradient)."""
     opts = make_options(
-        **{k_: v_ for k_, v_ in locals().items() if k_ not in ("dout", "q", "k", "v", "out", "lse")}
+        **{
+            k_: v_
+            for k_, v_ in locals().items()
+            if k_ not in ("dout", "q", "k", "v", "out", "lse", "compute_dbias")
+        }
     )
     call = _Call("cuflash.backward", dict(q=q, k=k, v=v, dout=dout, out=out, lse=lse), opts)
-    return _backward(call)
+    return _backward(call, bool(compute_dbias))
 
 
 def _forward(call: _Call) -> tuple[Any, Any]:
@@ -228,7 +235,7 @@ def _forward(call: _Call) -> tuple[Any, Any]:
     return _launch.forward(call)
 
 
-def _backward(call: _Call) -> tuple[Any, ...]:
+def _backward(call: _Call, compute_dbias: bool) -> tuple[Any, ...]:
     q = call.q
     if call.on_host:
         r = call.refs
@@ -236,6 +243,8 @@ def _backward(call: _Call) -> tuple[Any, ...]:
             r["dout"].view, q.view, r["k"].view, r["v"].view, r["out"].view, r["lse"].view,
             **call.reference_options(),
         )
+        if not compute_dbias:
+            grads = grads[:3]
         results = []
         for grad, like in zip(grads, ("q", "k", "v", "bias")):
             ref = r[like] if like != "bias" else call.option_refs["bias"]
@@ -243,4 +252,4 @@ def _backward(call: _Call) -> tuple[Any, ...]:
         return tuple(results)
     from . import _launch
 
-    return _launch.backward(call)
+    return _launch.backward(call, compute_dbias)

@@ -34,14 +34,21 @@ def smem_limit(device_index: int) -> int:
         return _smem_limits[device_index]
 
 
+_functions: dict[tuple[int, str], Any] = {}
+
+
 def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
     if blocks == 0:
         return
     if blocks > _MAX_GRID:
         raise ValueError(f"{name}: {blocks} thread blocks exceed the grid limit {_MAX_GRID}")
-    kernel = mod.get_function(name)
-    if smem > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = smem
+    key = (id(mod), name)
+    kernel = _functions.get(key)
+    if kernel is None:
+        kernel = mod.get_function(name)
+        if smem > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = smem
+        _functions[key] = kernel
     kernel((blocks,), (threads,), (params[()],), shared_mem=smem, stream=stream)
 
 
@@ -67,7 +74,7 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    _launch(mod, "cuflash_fwd", int(p["num_m_blocks"]) * rows, tiles.threads, smem, p, stream)
+    _launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem, p.pack(), stream)
 
 
 def workspace_shapes(dims: Dims, opts: Options, dtype: np.dtype, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -99,14 +106,15 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
     p = _params.fill(views, opts, dims, dq_atomic=atomic, want_dbias=views.dbias_full is not None)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, plan.dq.block_m)
     p["num_n_blocks"] = _cdiv(dims.seqlen_k, plan.dkdv.block_n)
+    record = p.pack()
     bh = dims.batch * dims.num_heads
-    _launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0, p, stream)
-    _launch(mod, "cuflash_bwd_dkdv", int(p["num_n_blocks"]) * dims.batch * dims.num_heads_kv,
-            plan.dkdv.threads, plan.dkdv_smem, p, stream)
+    _launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0, record, stream)
+    _launch(mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,
+            plan.dkdv.threads, plan.dkdv_smem, record, stream)
     if atomic:
-        _launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0, p, stream)
+        _launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0, record, stream)
     else:
-        _launch(mod, "cuflash_bwd_dq", int(p["num_m_blocks"]) * bh, plan.dq.threads, plan.dq_smem, p, stream)
+        _launch(mod, "cuflash_bwd_dq", p["num_m_blocks"] * bh, plan.dq.threads, plan.dq_smem, record, stream)
 
 
 # ---- the API's CUDA path ----------------------------------------------------------------
@@ -146,18 +154,18 @@ def forward(call: Any) -> tuple[Any, Any]:
     return _result(out_obj, out, q), _result(lse_obj, lse, q)
 
 
-def backward(call: Any) -> tuple[Any, ...]:
+def backward(call: Any, compute_dbias: bool = True) -> tuple[Any, ...]:
     r, dims, opts = call.refs, call.dims, call.opts
     q, k, v = r["q"], r["k"], r["v"]
     bias_ref = call.option_refs.get("bias")
-    want_dbias = bias_ref is not None
+    want_dbias = bias_ref is not None and compute_dbias
     with _interop.on_device(call.device, call.stream):
         outs = {name: _interop.empty(like.shape, like.dtype, like, call.stream)
                 for name, like in (("dq", q), ("dk", k), ("dv", v))}
         work = {name: _interop.empty(shape, dt, q, call.stream)[1]
                 for name, (shape, dt) in workspace_shapes(dims, opts, q.dtype, want_dbias).items()}
         if want_dbias:
-            work["dbias_full"].fill(0)
+            work["dbias_full"].fill(0)  # the kernels write only the tiles that attend
         views = Views(q=q.view, k=k.view, v=v.view, out=r["out"].view, lse=r["lse"].view, dout=r["dout"].view,
                       dq=outs["dq"][1], dk=outs["dk"][1], dv=outs["dv"][1], **work, **_option_views(call, dims))
         run_backward(views, opts, dims, call.stream, call.device.index)
@@ -168,14 +176,20 @@ def backward(call: Any) -> tuple[Any, ...]:
 
 
 def _reduce_dbias(full: Any, bias_ref: Any, dims: Dims) -> Any:
-    """Sum the dense score gradient over the dimensions the bias was broadcast along."""
+    """Sum the dense score gradient over the dimensions the bias was broadcast along, in
+    the caller's library where it has one (PyTorch: its allocator, graph-capture safe)."""
     shape = bias_ref.shape
     padded = (1,) * (4 - len(shape)) + tuple(shape)
     axes = tuple(i for i, (s, t) in enumerate(zip(padded, full.shape)) if s == 1 and t != 1)
+    if bias_ref.library == "torch":
+        import torch
+
+        full_t = torch.from_dlpack(full)
+        reduced = full_t.sum(dim=axes, keepdim=True) if axes else full_t
+        return reduced.reshape(shape).to(_interop._torch_dtype(bias_ref.dtype))
     reduced = full.sum(axis=axes, keepdims=True) if axes else full
-    reduced = reduced.reshape(shape).astype(bias_ref.dtype)
     obj, view = _interop.empty(shape, bias_ref.dtype, bias_ref, None)
-    view[...] = reduced
+    view[...] = reduced.reshape(shape)
     return _result(obj, view, bias_ref)
 
 

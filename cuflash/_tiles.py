@@ -37,6 +37,7 @@ class Tiles:
     block_m: int
     block_n: int
     warps: int
+    stages: int = 1  # backward: Q/dO buffers (2 = load the next query tile during compute)
 
     @property
     def threads(self) -> int:
@@ -49,7 +50,8 @@ def fwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
 
 def bwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
     ld, lds = head_dim + _PAD, t.block_n + _PAD
-    return (2 * t.block_n * ld + 2 * t.block_m * ld + 2 * t.block_m * lds) * elem_bytes + 8 * t.block_m
+    tiles = 2 * t.block_n * ld + 2 * t.stages * t.block_m * ld + 2 * t.block_m * lds
+    return tiles * elem_bytes + 8 * t.stages * t.block_m
 
 
 def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
@@ -59,17 +61,19 @@ def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
 # (kernel, fp32?, largest head dim, tiles, reason). Scanned in order.
 _TABLE = (
     # --- forward: each warp owns block_m / warps query rows -------------------------------
-    ("fwd", False, 64, Tiles(128, 64, 4), "d<=64: 32 rows per warp halves the K/V fragment reads per product; 37 KB smem"),
-    ("fwd", False, 128, Tiles(128, 64, 8), "d<=128: 16 rows per warp keeps O (64 fp32) and S in registers without spills"),
-    ("fwd", False, 256, Tiles(64, 64, 4), "d<=256: O needs 128 fp32 registers per thread; 101 KB smem (Hopper, A100)"),
+    # Measured on H200, bf16, 16k tokens (benchmarks/tune.py, benchmarks/NOTES.md).
+    ("fwd", False, 128, Tiles(64, 64, 4), "d<=128: 16 rows per warp, 3 blocks per SM; beat 128x64 tiles (4 or 8 warps) by 0-15%"),
+    ("fwd", False, 256, Tiles(128, 64, 8), "d<=256: 8 warps share each K/V tile; 135 KB smem (Hopper, A100); 4% over 64x32x4"),
     ("fwd", False, 256, Tiles(64, 32, 4), "d<=256 on 99 KB parts (sm_86/89): half-width K/V tiles"),
     ("fwd", True, 128, Tiles(64, 32, 4), "fp32 d<=128: three bf16 terms per fragment; narrow key tiles limit registers"),
     ("fwd", True, 256, Tiles(64, 32, 4), "fp32 d<=256: 135 KB smem"),
     ("fwd", True, 256, Tiles(32, 16, 2), "fp32 d<=256 on 99 KB parts"),
     # --- backward dK/dV: K, V, Q, dO, P, dS tiles all resident ----------------------------
-    ("bwd", False, 64, Tiles(64, 128, 8), "d<=64: wide key tiles, dK+dV 64 fp32 registers per thread; 90 KB smem"),
-    ("bwd", False, 128, Tiles(64, 64, 8), "d<=128: dK+dV 64 fp32 registers per thread; 88 KB smem fits every part"),
-    ("bwd", False, 256, Tiles(64, 64, 8), "d<=256: dK+dV 128 fp32 registers per thread; 154 KB smem (Hopper, A100)"),
+    ("bwd", False, 128, Tiles(64, 128, 8, 2), "d<=128: 128-key tiles were 1.2-1.4x faster than 64 (H200); Q/dO double-buffered; 174 KB smem (Hopper)"),
+    ("bwd", False, 128, Tiles(64, 128, 8), "d<=128 on A100 (163 KB): single-buffered Q/dO, 139 KB"),
+    ("bwd", False, 128, Tiles(64, 64, 8), "d<=128 on 99 KB parts: 88 KB smem"),
+    ("bwd", False, 256, Tiles(64, 64, 8, 2), "d<=256: dK+dV 128 fp32 registers per thread; Q/dO double-buffered in 221 KB (Hopper)"),
+    ("bwd", False, 256, Tiles(64, 64, 8), "d<=256 on A100: 154 KB smem"),
     ("bwd", False, 256, Tiles(32, 32, 4), "d<=256 on 99 KB parts: 72 KB smem"),
     ("bwd", True, 64, Tiles(32, 64, 4), "fp32 d<=64: 74 KB smem"),
     ("bwd", True, 128, Tiles(32, 64, 4), "fp32 d<=128: 123 KB smem (Hopper, A100)"),
@@ -148,6 +152,7 @@ def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: 
         ("CF_BWD_BLOCK_M", t.block_m),
         ("CF_BWD_BLOCK_N", t.block_n),
         ("CF_BWD_WARPS", t.warps),
+        ("CF_BWD_STAGES", t.stages),
         ("CF_DQ_BLOCK_M", tq.block_m),
         ("CF_DQ_BLOCK_N", tq.block_n),
         ("CF_DQ_WARPS", tq.warps),

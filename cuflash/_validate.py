@@ -15,6 +15,7 @@ from ._interop import BFLOAT16, ArrayRef, dtype_name
 from ._options import Options, option_errors
 
 MAX_HEAD_DIM = 256
+MAX_SEQLEN = 2**30  # the kernels index rows with 32-bit ints (offsets are 64-bit)
 
 _KERNEL_DTYPES = tuple(
     d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32)) if d is not None
@@ -50,8 +51,6 @@ class Dims:
     varlen: bool = False
     total_q: int = 0
     total_k: int = 0
-    cu_seqlens_q: Any = None  # host int64 copies (varlen only)
-    cu_seqlens_k: Any = None
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
@@ -161,11 +160,11 @@ def check(
             f"num_heads={num_heads} must be a multiple of num_heads_kv={num_heads_kv} (GQA/MQA)"
         )
 
-    cu_q = cu_k = None
     if varlen:
-        cu_q, cu_k, batch, seqlen_q, seqlen_k = _check_varlen(
-            opts, option_arrays, total_q, total_k, reasons
-        )
+        batch, seqlen_q, seqlen_k = _check_varlen(opts, option_arrays, total_q, total_k, reasons)
+    for name, n in (("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
+        if n > MAX_SEQLEN:
+            reasons.append(f"{name}={n} exceeds the supported maximum {MAX_SEQLEN}")
 
     dims = Dims(
         batch=batch,
@@ -177,8 +176,6 @@ def check(
         varlen=varlen,
         total_q=total_q,
         total_k=total_k,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
     )
     _check_option_arrays(dims, opts, option_arrays, reasons)
     if "dout" in arrays:
@@ -189,19 +186,37 @@ def check(
 
 
 def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
-    cu = {}
-    for name, total in (("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k)):
+    """Checks cu_seqlens; returns (batch, max_seqlen_q, max_seqlen_k).
+
+    Checking the values needs them on the host: a small device-to-host copy, which
+    synchronises. Device arrays with both max_seqlen_q and max_seqlen_k given are trusted
+    instead (no synchronisation: capturable in a CUDA graph)."""
+    refs = {}
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
         ref = option_arrays.get(name)
         if ref is None:
             reasons.append(f"{name} is missing: variable-length batches need both cu_seqlens_q and cu_seqlens_k")
-            continue
-        if ref.view.ndim != 1 or ref.shape[0] < 1:
+        elif ref.view.ndim != 1 or ref.shape[0] < 1:
             reasons.append(f"{name} must be 1-D of length batch+1; got shape {ref.shape}")
-            continue
-        if ref.dtype != np.int32:
+        elif ref.dtype != np.int32:
             reasons.append(f"{name}.dtype={dtype_name(ref.dtype)} must be int32")
-            continue
-        host = _to_host(ref.view).astype(np.int64)
+        else:
+            refs[name] = ref
+    if len(refs) < 2:
+        return 0, 0, 0
+    if refs["cu_seqlens_q"].shape != refs["cu_seqlens_k"].shape:
+        reasons.append(
+            f"cu_seqlens_q has {refs['cu_seqlens_q'].shape[0]} entries and cu_seqlens_k "
+            f"{refs['cu_seqlens_k'].shape[0]}; they must match (batch+1)"
+        )
+        return 0, 0, 0
+    batch = refs["cu_seqlens_q"].shape[0] - 1
+    on_device = refs["cu_seqlens_q"].device.kind != "cpu"
+    if on_device and opts.max_seqlen_q is not None and opts.max_seqlen_k is not None:
+        return batch, int(opts.max_seqlen_q), int(opts.max_seqlen_k)
+    longest = {}
+    for name, total in (("cu_seqlens_q", total_q), ("cu_seqlens_k", total_k)):
+        host = _to_host(refs[name].view).astype(np.int64)
         if host[0] != 0:
             reasons.append(f"{name}[0]={host[0]} must be 0")
         steps = np.diff(host)
@@ -211,23 +226,14 @@ def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
         if host[-1] != total:
             side = "q" if name.endswith("q") else "k"
             reasons.append(f"{name}[-1]={host[-1]} must equal the packed row count of {side} ({total})")
-        cu[name] = host
-    if len(cu) < 2:
-        return None, None, 0, 0, 0
-    cu_q, cu_k = cu["cu_seqlens_q"], cu["cu_seqlens_k"]
-    if len(cu_q) != len(cu_k):
-        reasons.append(f"cu_seqlens_q has {len(cu_q)} entries and cu_seqlens_k {len(cu_k)}; they must match (batch+1)")
-        return None, None, 0, 0, 0
-    batch = len(cu_q) - 1
-    longest_q = int(np.diff(cu_q).max(initial=0))
-    longest_k = int(np.diff(cu_k).max(initial=0))
-    seqlen_q = longest_q if opts.max_seqlen_q is None else int(opts.max_seqlen_q)
-    seqlen_k = longest_k if opts.max_seqlen_k is None else int(opts.max_seqlen_k)
-    if seqlen_q < longest_q:
-        reasons.append(f"max_seqlen_q={seqlen_q} is below the longest query sequence ({longest_q})")
-    if seqlen_k < longest_k:
-        reasons.append(f"max_seqlen_k={seqlen_k} is below the longest key sequence ({longest_k})")
-    return cu_q, cu_k, batch, seqlen_q, seqlen_k
+        longest[name] = int(steps.max(initial=0))
+    seqlen_q = longest["cu_seqlens_q"] if opts.max_seqlen_q is None else int(opts.max_seqlen_q)
+    seqlen_k = longest["cu_seqlens_k"] if opts.max_seqlen_k is None else int(opts.max_seqlen_k)
+    if seqlen_q < longest["cu_seqlens_q"]:
+        reasons.append(f"max_seqlen_q={seqlen_q} is below the longest query sequence ({longest['cu_seqlens_q']})")
+    if seqlen_k < longest["cu_seqlens_k"]:
+        reasons.append(f"max_seqlen_k={seqlen_k} is below the longest key sequence ({longest['cu_seqlens_k']})")
+    return batch, seqlen_q, seqlen_k
 
 
 def _to_host(view) -> np.ndarray:

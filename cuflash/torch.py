@@ -194,27 +194,30 @@ def attention_bwd(
     max_seqlen_k: Optional[int] = None,
     deterministic: bool = False,
     layout: str = "bshd",
+    compute_dbias: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """cuflash.backward as a PyTorch operator: returns (dq, dk, dv, dbias). dbias has
-    bias's shape and dtype, and is an empty (0,) tensor when no bias is given (an operator
-    cannot return None). The options must be the forward's."""
+    bias's shape and dtype, and is an empty (0,) tensor when no bias is given or
+    compute_dbias is false (an operator cannot return None; skipping it saves the dense
+    fp32 score-gradient workspace). The options must be the forward's."""
     opts = _core_options(
         bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
         causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
         max_seqlen_k, deterministic, layout,
     )
+    with_dbias = bias is not None and compute_dbias
     grads = cuflash.backward(
         _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
-        _exportable(lse), **opts,
+        _exportable(lse), compute_dbias=with_dbias, **opts,
     )
     dq, dk, dv = (g.contiguous() for g in grads[:3])
-    dbias = grads[3].contiguous() if bias is not None else q.new_empty((0,))
+    dbias = grads[3].contiguous() if with_dbias else q.new_empty((0,))
     return dq, dk, dv, dbias
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, **kwargs):
-    dbias = bias.new_empty(bias.shape) if bias is not None else q.new_empty((0,))
+def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, compute_dbias=True, **kwargs):
+    dbias = bias.new_empty(bias.shape) if bias is not None and compute_dbias else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
@@ -234,13 +237,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    want_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.cuflash.attention_bwd(
         grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        seed, *ctx.scalars,
+        seed, *ctx.scalars, compute_dbias=want_dbias,
     )
-    # A gradient for q, k, v and the bias; none for the mask, slopes, cu_seqlens, seed and
-    # the non-tensor options. Autograd drops dbias when the bias does not require grad.
-    grads = [dq, dk, dv, dbias if bias is not None else None]
+    # A gradient for q, k, v and (when it requires one) the bias; none for the mask,
+    # slopes, cu_seqlens, seed and the non-tensor options.
+    grads = [dq, dk, dv, dbias if want_dbias else None]
     return tuple(grads + [None] * (ctx.num_inputs - len(grads)))
 
 
@@ -401,7 +405,7 @@ def scaled_dot_product_attention(
 # ---- drop-ins: FlashAttention-2's flash_attn_func and flash_attn_varlen_func --------------
 
 
-def _fa2_return(out: Tensor, lse: Tensor, q: Tensor, dropout_p: float, return_attn_probs: bool):
+def _fa2_return(out: Tensor, lse: Tensor, q: Tensor, return_attn_probs: bool):
     if not return_attn_probs:
         return out
     # FlashAttention-2 returns (out, softmax_lse, S_dmask), S_dmask an empty (0,) tensor
@@ -449,7 +453,7 @@ def flash_attn_func(
         causal=causal, causal_alignment="bottom_right", window_size=window_size,
         softcap=softcap, deterministic=deterministic, layout="bshd",
     )
-    return _fa2_return(out, lse, q, dropout_p, return_attn_probs)
+    return _fa2_return(out, lse, q, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -485,4 +489,4 @@ def flash_attn_varlen_func(
         causal_alignment="bottom_right", window_size=window_size, softcap=softcap,
         deterministic=deterministic,
     )
-    return _fa2_return(out, lse, q, dropout_p, return_attn_probs)
+    return _fa2_return(out, lse, q, return_attn_probs)

@@ -138,7 +138,8 @@ def test_meta_tensors_give_shapes_without_computing():
     assert lse.shape == (3, 6, 11)
     qv, kv = torch.empty(20, 6, 64, device="meta"), torch.empty(30, 2, 64, device="meta")
     cu = torch.empty(4, dtype=torch.int32, device="meta")
-    _, lse = torch.ops.cuflash.attention_fwd(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=9, max_seqlen_k=12)
+    _, lse = torch.ops.cuflash.attention_fwd(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                             max_seqlen_q=9, max_seqlen_k=12)
     assert lse.shape == (6, 20)
 
 
@@ -241,11 +242,14 @@ def _sdpa_cases():
         "is_causal_q_shorter": (dict(seqlen_q=4, seqlen_k=9, heads_kv=4), dict(is_causal=True)),
         "is_causal_q_longer": (dict(seqlen_q=9, seqlen_k=4, heads_kv=4), dict(is_causal=True)),
         "bool_mask": (dict(heads_kv=4), dict(attn_mask=bool_mask(2, 1, 5, 7))),
-        "bool_mask_fully_masked_row": (dict(heads_kv=4), dict(attn_mask=bool_mask(5, 7).index_fill(0, torch.tensor([2]), False))),
+        "bool_mask_fully_masked_row": (dict(heads_kv=4),
+                                       dict(attn_mask=bool_mask(5, 7).index_fill(0, torch.tensor([2]), False))),
         "float_mask": (dict(heads_kv=4), dict(attn_mask=randn(2, 4, 5, 7, seed=10, requires_grad=True))),
         "float_mask_broadcast": (dict(heads_kv=4), dict(attn_mask=randn(5, 7, seed=11, requires_grad=True))),
-        "enable_gqa": (dict(heads=6, heads_kv=2), dict(enable_gqa=True, attn_mask=randn(1, 6, 1, 7, seed=12, requires_grad=True))),
-        "enable_gqa_causal_scale": (dict(heads=4, heads_kv=1, seqlen_q=7, seqlen_k=5), dict(enable_gqa=True, is_causal=True, scale=2.0)),
+        "enable_gqa": (dict(heads=6, heads_kv=2),
+                       dict(enable_gqa=True, attn_mask=randn(1, 6, 1, 7, seed=12, requires_grad=True))),
+        "enable_gqa_causal_scale": (dict(heads=4, heads_kv=1, seqlen_q=7, seqlen_k=5),
+                                    dict(enable_gqa=True, is_causal=True, scale=2.0)),
     }
 
 
@@ -270,7 +274,8 @@ def test_sdpa_drop_in_equals_torch_sdpa_values_and_gradients(case):
 def test_sdpa_drop_in_takes_torch_sdpa_shapes(shape_q, shape_k, mask_shape):
     q, k, v = randn(*shape_q, seed=1), randn(*shape_k, seed=2), randn(*shape_k, seed=3)
     mask = None if mask_shape is None else randn(*mask_shape, seed=4, requires_grad=True)
-    ours, theirs = (f(q, k, v, attn_mask=mask) for f in (ct.scaled_dot_product_attention, F.scaled_dot_product_attention))
+    ours, theirs = (f(q, k, v, attn_mask=mask)
+                    for f in (ct.scaled_dot_product_attention, F.scaled_dot_product_attention))
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     if mask is not None:
         (g_ours,), (g_theirs,) = (torch.autograd.grad(o.sum(), [mask]) for o in (ours, theirs))
