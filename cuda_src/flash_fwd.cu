@@ -247,3 +247,43 @@ extern "C" __global__ void __launch_bounds__(CF_FWD_WARPS * 32) cuflash_fwd(cons
     extern __shared__ __align__(128) char smem[];
     FwdKernel<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL != 0>::run(p, smem);
 }
+
+// Debugging aid, for small problems: the probabilities P = exp(s - lse) of every
+// (batch, head, query, key), before dropout, from the forward's LSE, with the same
+// masks and score modifiers. One thread per element, fp32 dot products; written densely
+// as fp32 [batch][head][seqlen_q][seqlen_k] through the dbias_full pointer and strides.
+extern "C" __global__ void __launch_bounds__(128) cuflash_probs(const __grid_constant__ Params p) {
+    const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 per_head = (i64)p.seqlen_q * p.seqlen_k;
+    if (idx >= per_head * p.batch * p.num_heads) return;
+    const int j = (int)(idx % p.seqlen_k), i = (int)((idx / p.seqlen_k) % p.seqlen_q);
+    const int bh = (int)(idx / per_head), b = bh / p.num_heads, h = bh % p.num_heads;
+    const SeqInfo seq(p, b);
+    float* out = p.dbias_full + (i64)b * p.dbias_batch_stride + (i64)h * p.dbias_head_stride +
+                 (i64)i * p.dbias_row_stride + j;
+    if (i >= seq.seqlen_q || j >= seq.seqlen_k) {
+        *out = 0.f;
+        return;
+    }
+    const int hk = h / (p.num_heads / p.num_heads_kv);
+    const ElemT* q = static_cast<const ElemT*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h) +
+                     (i64)i * p.q_row_stride;
+    const ElemT* k = static_cast<const ElemT*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk) +
+                     (i64)j * p.k_row_stride;
+    float qk = 0.f;
+    for (int d = 0; d < p.head_dim; ++d) qk += to_float(q[d]) * to_float(k[d]);
+    const IndexMask index_mask(p, seq);
+    int lo, hi;
+    index_mask.row_limits(i, lo, hi);
+    const bool ok = j >= lo && j <= hi;
+    float x;
+    if (CF_GENERAL) {
+        const ScoreMods mods(p, seq, b, h);
+        float unused;
+        x = mods.apply(qk, i, j, ok, unused);
+    } else {
+        x = ok ? qk * p.scale_log2 : -CF_INF;
+    }
+    const float lse = p.lse[seq.q_offset(p.lse_batch_stride, 1, p.lse_head_stride, b, h) + i];
+    *out = lse == -CF_INF ? 0.f : exp2f(x - lse * CF_LOG2E);
+}

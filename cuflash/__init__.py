@@ -10,7 +10,7 @@ reference path. Results come back in the caller's own array type.
 """
 
 from . import reference
-from ._api import attention, backward, forward
+from ._api import attention, backward, forward, probabilities
 from ._options import OPTION_NAMES
 from ._validate import MAX_HEAD_DIM, ValidationError
 
@@ -20,6 +20,7 @@ __all__ = [
     "attention",
     "forward",
     "backward",
+    "probabilities",
     "reference",
     "ValidationError",
     "OPTION_NAMES",

@@ -178,6 +178,49 @@ def attention(
     return out
 
 
+_PROBABILITIES_LIMIT = 2**28
+
+
+def probabilities(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    bias: Any = None,
+    mask: Any = None,
+    layout: str = "bshd",
+) -> Any:
+    """The attention probabilities P (batch, heads, seqlen_q, seqlen_k), for debugging.
+
+    Row i of P is softmax over keys of the scores with every mask and modifier applied
+    (before dropout); rows with no allowed key are 0. Materialises N^2 values: for small
+    problems only (at most 2**28 entries). float32 (float64 for float64 host inputs)."""
+    opts = make_options(**{k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")})
+    call = _Call("cuflash.probabilities", dict(q=q, k=k, v=v), opts)
+    d = call.dims
+    entries = d.batch * d.num_heads * d.seqlen_q * d.seqlen_k
+    if entries > _PROBABILITIES_LIMIT:
+        raise _validate.ValidationError(
+            "cuflash.probabilities",
+            [f"batch*heads*seqlen_q*seqlen_k={entries} exceeds {_PROBABILITIES_LIMIT}: probabilities are for small debugging shapes"],
+            [call.q],
+        )
+    if call.on_host:
+        probs = reference.probabilities(q=call.q.view, k=call.refs["k"].view, v=call.refs["v"].view,
+                                        **{n: val for n, val in call.reference_options().items()
+                                           if n not in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")})
+        return _interop.to_caller(probs.astype(call.lse_dtype()), call.q)
+    from . import _launch
+
+    return _launch.probabilities(call)
+
+
 def backward(
     dout: Any,
     q: Any,

@@ -77,6 +77,19 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
     _launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem, p.pack(), stream)
 
 
+def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
+    """Fill views.dbias_full (fp32 (batch, heads, seqlen_q, seqlen_k)) with the
+    probabilities, from views.lse as the forward left it."""
+    total = dims.batch * dims.num_heads * dims.seqlen_q * dims.seqlen_k
+    if total == 0:
+        return
+    dtype = np.dtype(views.q.dtype)
+    variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    mod = _build.module(variant, device_index)
+    p = _params.fill(views, opts, dims)
+    _launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0, p.pack(), stream)
+
+
 def workspace_shapes(dims: Dims, opts: Options, dtype: np.dtype, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Temporary fp32 buffers the backward needs (the caller allocates them)."""
     rows = (dims.num_heads, dims.total_q) if dims.varlen else (dims.batch, dims.num_heads, dims.seqlen_q)
@@ -152,6 +165,20 @@ def forward(call: Any) -> tuple[Any, Any]:
                       **_option_views(call, dims))
         run_forward(views, call.opts, dims, call.stream, call.device.index)
     return _result(out_obj, out, q), _result(lse_obj, lse, q)
+
+
+def probabilities(call: Any) -> Any:
+    q, dims = call.q, call.dims
+    with _interop.on_device(call.device, call.stream):
+        _, out = _interop.empty(q.shape, q.dtype, q, call.stream)
+        _, lse = _interop.empty(dims.lse_shape, np.dtype(np.float32), q, call.stream)
+        shape = (dims.batch, dims.num_heads, dims.seqlen_q, dims.seqlen_k)
+        probs_obj, probs = _interop.empty(shape, np.dtype(np.float32), q, call.stream)
+        views = Views(q=q.view, k=call.refs["k"].view, v=call.refs["v"].view, out=out, lse=lse, dbias_full=probs,
+                      **_option_views(call, dims))
+        run_forward(views, call.opts, dims, call.stream, call.device.index)
+        run_probabilities(views, call.opts, dims, call.stream, call.device.index)
+    return _result(probs_obj, probs, q)
 
 
 def backward(call: Any, compute_dbias: bool = True) -> tuple[Any, ...]:

@@ -214,3 +214,13 @@ def test_backward_checks_out_and_lse_shapes():
     out, lse = cuflash.forward(q, k, v)
     with pytest.raises(ValidationError, match=r"lse shape \(2, 4\) must be \(2, 4, 5\)"):
         cuflash.backward(out, q, k, v, out, lse[..., 0])
+
+
+def test_probabilities_on_the_host_are_the_reference_softmax():
+    rng = np.random.default_rng(18)
+    q, k, v = _qkv(rng, dtype=np.float64)
+    probs = cuflash.probabilities(q, k, v, causal=True, softcap=3.0)
+    np.testing.assert_array_equal(probs, reference.probabilities(q, k, v, causal=True, softcap=3.0))
+    assert np.allclose(probs.sum(-1), 1.0)
+    with pytest.raises(TypeError, match="dropout_p"):
+        cuflash.probabilities(q, k, v, dropout_p=0.1)

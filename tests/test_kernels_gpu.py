@@ -582,3 +582,26 @@ def test_cupy_arrays_launch_on_cupy_current_stream():
     stream.synchronize()
     ref, _ = reference.forward(q, k, v)
     assert np.abs(host(out) - ref).max() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(causal=True),
+        dict(window_size=(5, 2), softcap=10.0),
+        dict(alibi="h", bias_shape=("b", "h", "q", "k")),
+        dict(mask_shape=("b", "1", "1", "k"), causal=True, alignment="top_left"),
+    ],
+    ids=["causal", "window-softcap", "alibi-bias", "mask-topleft"],
+)
+def test_probabilities_match_the_reference(dtype, options):
+    case = Case(batch=2, seqlen_q=37, seqlen_k=53, heads=4, heads_kv=2, head_dim=40, dtype=dtype, **options)
+    q, k, v, _, opts = draw_inputs(case, np.random.default_rng(12))
+    for name in ("deterministic", "dropout_p", "seed"):
+        opts.pop(name, None)
+    dev_opts = {name: (dev(val) if isinstance(val, np.ndarray) else val) for name, val in opts.items()}
+    probs = cuflash.probabilities(dev(q), dev(k), dev(v), **dev_opts)
+    expected = reference.probabilities(q, k, v, **opts)
+    assert probs.dtype == np.float32 and probs.shape == expected.shape
+    np.testing.assert_allclose(host(probs), expected, atol=2e-5, rtol=1e-3)
