@@ -22,12 +22,12 @@ from cuflash._interop import BFLOAT16  # noqa: E402
 
 T = _tiles.Tiles
 CANDIDATES = {
-    ("fwd", 64): [T(128, 64, 4), T(64, 64, 4), T(128, 64, 8), T(128, 128, 8)],
-    ("fwd", 128): [T(128, 64, 8), T(128, 64, 4), T(128, 32, 4), T(64, 64, 4)],
-    ("fwd", 256): [T(64, 64, 4), T(64, 32, 4), T(128, 32, 8), T(128, 64, 8)],
-    ("bwd", 64): [T(64, 128, 8), T(64, 64, 4), T(128, 128, 8), T(64, 64, 8)],
-    ("bwd", 128): [T(64, 64, 8), T(64, 128, 8), T(64, 64, 4), T(128, 64, 8)],
-    ("bwd", 256): [T(64, 64, 8), T(32, 64, 4), T(64, 32, 4), T(64, 64, 4)],
+    ("fwd", 64): [T(64, 64, 4), T(64, 64, 4, q_regs=True), T(128, 64, 4), T(128, 128, 8)],
+    ("fwd", 128): [T(64, 64, 4), T(64, 64, 4, q_regs=True), T(128, 64, 4), T(128, 64, 8, q_regs=True)],
+    ("fwd", 256): [T(128, 64, 8), T(64, 64, 4), T(64, 32, 4)],
+    ("bwd", 64): [T(64, 128, 8, 2), T(64, 128, 8, 1), T(128, 128, 8, 1)],
+    ("bwd", 128): [T(64, 128, 8, 2), T(64, 128, 8, 1), T(128, 128, 8, 1)],
+    ("bwd", 256): [T(64, 64, 8, 2), T(64, 64, 8, 1)],
 }
 
 
@@ -87,14 +87,18 @@ def run(seqlen: int) -> None:
                 dq = cuflash.backward(small[3], *small[:3], out, lse, causal=causal)[0]
                 err_o = float(np.abs(out.double().cpu().numpy() - ref_out).max())
                 err_q = float(np.abs(dq.double().cpu().numpy() - ref_dq).max() / np.abs(ref_dq).max())
-                if kernel == "fwd":
-                    fn = lambda: cuflash.forward(q, k, v, causal=causal)  # noqa: E731
-                else:
-                    o, l = cuflash.forward(q, k, v, causal=causal)
-                    fn = lambda: cuflash.backward(do, q, k, v, o, l, causal=causal)  # noqa: E731
-                ms = triton.testing.do_bench(fn, warmup=30, rep=150, return_mode="median")
-                print(f"{kernel} d={d} causal={int(causal)} tiles=({tiles.block_m},{tiles.block_n},{tiles.warps}) "
-                      f"err_out={err_o:.1e} err_dq={err_q:.1e} {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+                modes = [False] if kernel == "fwd" else [False, True]
+                for deterministic in modes:
+                    if kernel == "fwd":
+                        fn = lambda: cuflash.forward(q, k, v, causal=causal)  # noqa: E731
+                    else:
+                        o, l = cuflash.forward(q, k, v, causal=causal)
+                        fn = lambda: cuflash.backward(do, q, k, v, o, l, causal=causal,  # noqa: E731
+                                                      deterministic=deterministic)
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    print(f"{kernel} d={d} causal={int(causal)} tiles={tiles.block_m},{tiles.block_n},{tiles.warps},"
+                          f"s{tiles.stages},q{int(tiles.q_regs)}{' det' if deterministic else ''} "
+                          f"err_out={err_o:.1e} err_dq={err_q:.1e} {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
     _tiles.OVERRIDES.clear()
 
 

@@ -70,13 +70,14 @@ struct GradElem {
         for (int e = 0; e < 4; ++e) {
             const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
             const bool in_band = jj >= lo[r] && jj <= hi[r];
-            float x, th = 0.f;
+            float prob, th = 0.f;
             if constexpr (kGeneral) {
-                x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
+                const float x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
+                prob = fast_exp2(x - lse2[r]);  // lse2 = +inf on padded rows: 0
             } else {
-                x = (full || in_band) ? s[e] * p.scale_log2 : -CF_INF;
+                // One FFMA and one MUFU per element; masked elements select 0.
+                prob = (full || in_band) ? fast_exp2(fmaf(s[e], p.scale_log2, -lse2[r])) : 0.f;
             }
-            const float prob = fast_exp2(x - lse2[r]);  // lse2 = +inf on padded rows: 0
             float dprob = dp[e];
             float pv = prob;
             if (dropout) {

@@ -13,7 +13,8 @@
 //
 // Compile-time configuration (set by cuflash/_tiles.py):
 //   CF_ELEM 0/1/2 = fp16/bf16/fp32, CF_HEAD_DIM (padded head dim, a multiple of 32),
-//   CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL (score modifiers compiled in).
+//   CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_FWD_Q_REGS (Q fragments kept in
+//   registers), CF_GENERAL (score modifiers compiled in).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -21,7 +22,7 @@
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, bool kQRegs>
 struct FwdKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;
@@ -30,6 +31,12 @@ struct FwdKernel {
     static constexpr int kMT = kBlockM / (16 * kNWarps);  // m16 tiles per warp
     static constexpr int kWarpRows = 16 * kMT;
     static_assert(kBlockM == kWarpRows * kNWarps, "warps split the query rows evenly");
+    // With kQRegs a warp's Q fragments stay in registers for the whole key loop (16-bit,
+    // one m16 tile, d <= 128: at most 32 registers); otherwise they are re-read from
+    // shared memory for every key tile. More registers can mean fewer resident blocks,
+    // so the tile table chooses, by measurement.
+    static constexpr bool kQInRegs = kQRegs && !ElemInfo<T>::kIsFloat && kMT == 1 && kHeadDim <= 128;
+    static constexpr int kQFrags = kQInRegs ? kHeadDim / 16 : 1;
     static_assert(kHeadDim % 32 == 0 && kBlockN % 16 == 0, "tile shapes");
 
     static CF_DEVICE void run(const Params& p, char* smem) {
@@ -78,6 +85,13 @@ struct FwdKernel {
                                                                min(kBlockN, seq.seqlen_k - n0), p.head_dim, vec_k, tid);
             }
             cp_async_commit();
+            FragA<T> q_frags[kQFrags];
+            if constexpr (kQInRegs) {
+                cp_async_wait<0>();
+                __syncthreads();
+#pragma unroll
+                for (int kk = 0; kk < kQFrags; ++kk) load_a<T, kLd>(q_frags[kk], sQ, warp * 16, kk * 16, lane);
+            }
             const ScoreMods mods(p, seq, b, h);
             const int warp_row0 = m0 + warp * kWarpRows;  // rows of m16 tile mt: warp_row0 + 16 mt + {g, g + 8}
 
@@ -97,8 +111,12 @@ struct FwdKernel {
 #pragma unroll
                 for (int kk = 0; kk < kHeadDim / 16; ++kk) {
                     FragA<T> a[kMT];
+                    if constexpr (kQInRegs) {
+                        a[0] = q_frags[kk];
+                    } else {
 #pragma unroll
-                    for (int mt = 0; mt < kMT; ++mt) load_a<T, kLd>(a[mt], sQ, warp * kWarpRows + mt * 16, kk * 16, lane);
+                        for (int mt = 0; mt < kMT; ++mt) load_a<T, kLd>(a[mt], sQ, warp * kWarpRows + mt * 16, kk * 16, lane);
+                    }
 #pragma unroll
                     for (int np = 0; np < kNT / 2; ++np) {
                         FragB<T> b0, b1;
@@ -245,7 +263,7 @@ typedef float ElemT;
 
 extern "C" __global__ void __launch_bounds__(CF_FWD_WARPS * 32) cuflash_fwd(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
-    FwdKernel<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL != 0>::run(p, smem);
+    FwdKernel<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL != 0, CF_FWD_Q_REGS != 0>::run(p, smem);
 }
 
 // Debugging aid, for small problems: the probabilities P = exp(s - lse) of every

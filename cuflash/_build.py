@@ -127,6 +127,18 @@ def compile_variant(variant: Variant, arch: str) -> Compiled:
     return Compiled(cubin=cubin, log=log, seconds=time.perf_counter() - start)
 
 
+def compile_job(job: tuple[Variant, str]) -> tuple[str, str, float | None, str]:
+    """(variant, arch) -> (tag, arch, seconds or None on failure, NVRTC log or error).
+    A top-level function, so process pools can run it (a crashing ptxas then takes down
+    a worker, not the caller)."""
+    variant, arch = job
+    try:
+        compiled = compile_variant(variant, arch)
+    except CompileError as exc:
+        return variant.tag, arch, None, str(exc)
+    return variant.tag, arch, compiled.seconds, compiled.log
+
+
 def build(variant: Variant, arch: str) -> tuple[Path, float]:
     """The cached cubin for (variant, arch), compiling it on first use.
 

@@ -38,6 +38,7 @@ class Tiles:
     block_n: int
     warps: int
     stages: int = 1  # backward: Q/dO buffers (2 = load the next query tile during compute)
+    q_regs: bool = False  # forward: keep Q fragments in registers across the key loop
 
     @property
     def threads(self) -> int:
@@ -125,6 +126,7 @@ def forward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: i
         ("CF_FWD_BLOCK_M", t.block_m),
         ("CF_FWD_BLOCK_N", t.block_n),
         ("CF_FWD_WARPS", t.warps),
+        ("CF_FWD_Q_REGS", int(t.q_regs)),
     )
     elem = np.dtype(dtype).itemsize
     return Variant("flash_fwd.cu", defines), t, fwd_smem(t, bucket, elem)

@@ -589,7 +589,7 @@ def test_cupy_arrays_launch_on_cupy_current_stream():
     "options",
     [
         dict(causal=True),
-        dict(window_size=(5, 2), softcap=10.0),
+        dict(window=(5, 2), softcap=10.0),
         dict(alibi="h", bias_shape=("b", "h", "q", "k")),
         dict(mask_shape=("b", "1", "1", "k"), causal=True, alignment="top_left"),
     ],
