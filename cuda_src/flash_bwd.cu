@@ -70,14 +70,19 @@ struct GradElem {
         for (int e = 0; e < 4; ++e) {
             const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
             const bool in_band = jj >= lo[r] && jj <= hi[r];
-            float prob, th = 0.f;
+            float x, th = 0.f;
             if constexpr (kGeneral) {
-                const float x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
-                prob = fast_exp2(x - lse2[r]);  // lse2 = +inf on padded rows: 0
+                x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
             } else {
-                // One FFMA and one MUFU per element; masked elements select 0.
-                prob = (full || in_band) ? fast_exp2(fmaf(s[e], p.scale_log2, -lse2[r])) : 0.f;
+                x = (full || in_band) ? __fmul_rn(s[e], p.scale_log2) : -CF_INF;  // as the forward rounds it
             }
+            // x <= lse in exact arithmetic; the LSE's round trip through natural log can
+            // leave x - lse a few ulps of |x| above 0, which for huge scores would
+            // overflow exp2. Clamp at 0 (a comparison, so NaN still propagates). lse2 is
+            // +inf on padded rows: P = 0 there.
+            float expo = x - lse2[r];
+            expo = expo > 0.f ? 0.f : expo;
+            const float prob = fast_exp2(expo);
             float dprob = dp[e];
             float pv = prob;
             if (dropout) {

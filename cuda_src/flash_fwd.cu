@@ -129,7 +129,10 @@ struct FwdKernel {
                     }
                 }
 
-                // Scores to log2 units; disallowed ones to -inf.
+                // Scores to log2 units; disallowed ones to -inf. The product is rounded on
+                // its own (__fmul_rn is never contracted into an FMA): the backward rounds
+                // it the same way, so both see the same scores even where one ulp of a
+                // huge score is larger than the whole softmax range.
                 if constexpr (kGeneral) {
 #pragma unroll
                     for (int mt = 0; mt < kMT; ++mt)
@@ -155,7 +158,7 @@ struct FwdKernel {
 #pragma unroll
                         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                            for (int e = 0; e < 4; ++e) s[mt][nt][e] *= p.scale_log2;
+                            for (int e = 0; e < 4; ++e) s[mt][nt][e] = __fmul_rn(s[mt][nt][e], p.scale_log2);
                     if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
                         for (int mt = 0; mt < kMT; ++mt)
@@ -300,7 +303,7 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_probs(const __grid_con
         float unused;
         x = mods.apply(qk, i, j, ok, unused);
     } else {
-        x = ok ? qk * p.scale_log2 : -CF_INF;
+        x = ok ? __fmul_rn(qk, p.scale_log2) : -CF_INF;
     }
     const float lse = p.lse[seq.q_offset(p.lse_batch_stride, 1, p.lse_head_stride, b, h) + i];
     *out = lse == -CF_INF ? 0.f : exp2f(x - lse * CF_LOG2E);

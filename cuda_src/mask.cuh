@@ -140,7 +140,7 @@ struct ScoreMods {
     // disallowed (`index_ok` false, which also keeps the bias and mask reads in bounds).
     // `tanh_out` receives tanh(x / softcap), which the softcap gradient needs.
     CF_DEVICE float apply(float qk, int i, int j, bool index_ok, float& tanh_out) const {
-        float x = qk * scale;
+        float x = __fmul_rn(qk, scale);  // rounded alone, identically in forward and backward
         tanh_out = 0.f;
         if (flags & CF_HAS_SOFTCAP) {
             tanh_out = tanhf(x * inv_softcap);
@@ -150,6 +150,6 @@ struct ScoreMods {
         if (flags & CF_HAS_ALIBI) x -= slope * fabsf((float)((i64)i + diag - j));
         if (flags & CF_HAS_BIAS) x += bias_at(i, j);
         if ((flags & CF_HAS_MASK) && !mask[(i64)i * mask_row_stride + (i64)j * mask_col_stride]) return -CF_INF;
-        return x * CF_LOG2E;
+        return __fmul_rn(x, CF_LOG2E);
     }
 };

@@ -74,7 +74,6 @@ class Variant:
 
     @property
     def tag(self) -> str:
-        d = dict(self.defines)
         return f"{self.kernel_file.split('.')[0]}-" + "-".join(f"{k.replace('CF_', '').lower()}{v}" for k, v in self.defines)
 
 

@@ -90,7 +90,7 @@ def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, devi
     _launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0, p.pack(), stream)
 
 
-def workspace_shapes(dims: Dims, opts: Options, dtype: np.dtype, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def workspace_shapes(dims: Dims, opts: Options, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Temporary fp32 buffers the backward needs (the caller allocates them)."""
     rows = (dims.num_heads, dims.total_q) if dims.varlen else (dims.batch, dims.num_heads, dims.seqlen_q)
     f32 = np.dtype(np.float32)
@@ -190,7 +190,7 @@ def backward(call: Any, compute_dbias: bool = True) -> tuple[Any, ...]:
         outs = {name: _interop.empty(like.shape, like.dtype, like, call.stream)
                 for name, like in (("dq", q), ("dk", k), ("dv", v))}
         work = {name: _interop.empty(shape, dt, q, call.stream)[1]
-                for name, (shape, dt) in workspace_shapes(dims, opts, q.dtype, want_dbias).items()}
+                for name, (shape, dt) in workspace_shapes(dims, opts, want_dbias).items()}
         if want_dbias:
             work["dbias_full"].fill(0)  # the kernels write only the tiles that attend
         views = Views(q=q.view, k=k.view, v=v.view, out=r["out"].view, lse=r["lse"].view, dout=r["dout"].view,

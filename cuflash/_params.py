@@ -1,8 +1,9 @@
 """The kernels' parameter block: a NumPy record laid out exactly like `struct Params`.
 
-The record type is read from cuda_src/params.h (one `TYPE NAME;` per line, 8-byte fields
-first), so the two cannot drift apart; tests/test_build.py checks every offset against a
-C compiler. `fill` is the one function that turns a call into a Params record.
+The record type and the flag bits are read from cuda_src/params.h (one `TYPE NAME;` per
+line, 8-byte fields first; `#define CF_NAME value`), so the two sides cannot drift apart;
+tests/test_build.py checks every offset against a C compiler. `fill` is the one function
+that turns a call into a Params record.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ _C_TYPES = {
     "float": np.float32,
 }
 
-FLAGS = {
-    name: 1 << i
-    for i, name in enumerate(
-        ("HAS_BIAS", "HAS_MASK", "HAS_ALIBI", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "DQ_ATOMIC",
-         "WANT_DBIAS", "BIAS_IS_BF16", "BIAS_IS_F16", "BIAS_IS_F32")
-    )
+def _defines(text: str) -> dict[str, int]:
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"#define CF_(\w+) (\d+)", text)}
+
+
+_HEADER = (source_dir() / "params.h").read_text()
+# Params::flags bits and Params::aligned bits, as params.h defines them.
+FLAGS = {name: bit for name, bit in _defines(_HEADER).items() if not name.startswith("ALIGN_")}
+_ALIGN_NAMES = {"Q": "q", "K": "k", "V": "v", "O": "out", "DO": "dout", "DQ": "dq", "DK": "dk", "DV": "dv"}
+ALIGN_BITS = {
+    _ALIGN_NAMES[name[len("ALIGN_"):]]: bit for name, bit in _defines(_HEADER).items() if name.startswith("ALIGN_")
 }
-ALIGN_BITS = {name: 1 << i for i, name in enumerate(("q", "k", "v", "out", "dout", "dq", "dk", "dv"))}
 
 
 def _parse_fields(text: str) -> list[tuple[str, Any]]:
@@ -55,9 +59,7 @@ def _parse_fields(text: str) -> list[tuple[str, Any]]:
 
 @functools.lru_cache(maxsize=None)
 def params_dtype() -> np.dtype:
-    fields = _parse_fields((source_dir() / "params.h").read_text())
-    dtype = np.dtype(fields, align=True)
-    return dtype
+    return np.dtype(_parse_fields(_HEADER), align=True)
 
 
 @dataclasses.dataclass

@@ -62,18 +62,17 @@ def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
 # (kernel, fp32?, largest head dim, tiles, reason). Scanned in order.
 _TABLE = (
     # --- forward: each warp owns block_m / warps query rows -------------------------------
-    # Measured on H200, bf16, 16k tokens (benchmarks/tune.py, benchmarks/NOTES.md).
-    ("fwd", False, 128, Tiles(64, 64, 4), "d<=128: 16 rows per warp, 3 blocks per SM; beat 128x64 tiles (4 or 8 warps) by 0-15%"),
-    ("fwd", False, 256, Tiles(128, 64, 8), "d<=256: 8 warps share each K/V tile; 135 KB smem (Hopper, A100); 4% over 64x32x4"),
-    ("fwd", False, 256, Tiles(64, 32, 4), "d<=256 on 99 KB parts (sm_86/89): half-width K/V tiles"),
+    # Measured on H200, bf16, 16k tokens, seqlen 4k (benchmarks/tune.py; benchmarks/NOTES.md).
+    ("fwd", False, 128, Tiles(128, 64, 4), "d<=128: 32 rows per warp halve K/V fragment reads per product: 1.22-1.25x over 64x64x4 (d=64: 267 vs 214, d=128: 289 vs 237 TFLOP/s); Q kept in registers was slower"),
+    ("fwd", False, 256, Tiles(64, 32, 4), "d<=256: O needs 128 fp32 registers per thread; 64x32 tiles beat 128x64x8 causal (220 vs 208), trail it 2% non-causal; 68 KB fits every part"),
     ("fwd", True, 128, Tiles(64, 32, 4), "fp32 d<=128: three bf16 terms per fragment; narrow key tiles limit registers"),
     ("fwd", True, 256, Tiles(64, 32, 4), "fp32 d<=256: 135 KB smem"),
     ("fwd", True, 256, Tiles(32, 16, 2), "fp32 d<=256 on 99 KB parts"),
     # --- backward dK/dV: K, V, Q, dO, P, dS tiles all resident ----------------------------
-    ("bwd", False, 128, Tiles(64, 128, 8, 2), "d<=128: 128-key tiles were 1.2-1.4x faster than 64 (H200); Q/dO double-buffered; 174 KB smem (Hopper)"),
+    ("bwd", False, 128, Tiles(64, 128, 8, 2), "d<=128: 128-key tiles 1.2-1.4x faster than 64; double-buffered Q/dO +7% at d=128 (187 vs 174 TFLOP/s); 174 KB smem (Hopper)"),
     ("bwd", False, 128, Tiles(64, 128, 8), "d<=128 on A100 (163 KB): single-buffered Q/dO, 139 KB"),
     ("bwd", False, 128, Tiles(64, 64, 8), "d<=128 on 99 KB parts: 88 KB smem"),
-    ("bwd", False, 256, Tiles(64, 64, 8, 2), "d<=256: dK+dV 128 fp32 registers per thread; Q/dO double-buffered in 221 KB (Hopper)"),
+    ("bwd", False, 256, Tiles(64, 64, 8, 2), "d<=256: dK+dV 128 fp32 registers per thread; double-buffered Q/dO +9% (137 vs 125 TFLOP/s) in 221 KB (Hopper)"),
     ("bwd", False, 256, Tiles(64, 64, 8), "d<=256 on A100: 154 KB smem"),
     ("bwd", False, 256, Tiles(32, 32, 4), "d<=256 on 99 KB parts: 72 KB smem"),
     ("bwd", True, 64, Tiles(32, 64, 4), "fp32 d<=64: 74 KB smem"),

@@ -271,7 +271,7 @@ def _backward_cuda(spec: _Spec, dout, q, k, v, out, lse, arrays):
     want_dbias = "bias" in arrays
     results = {"dq": jax.ShapeDtypeStruct(q.shape, q.dtype), "dk": jax.ShapeDtypeStruct(k.shape, k.dtype),
                "dv": jax.ShapeDtypeStruct(v.shape, v.dtype)}
-    for name, (shape, dtype) in _launch.workspace_shapes(dims, spec.options, np.dtype(q.dtype), want_dbias).items():
+    for name, (shape, dtype) in _launch.workspace_shapes(dims, spec.options, want_dbias).items():
         results[name] = jax.ShapeDtypeStruct(shape, dtype)
     got = _buffer_callback(_callback("backward", spec), results)(
         dout.astype(q.dtype), q, k, v, out.astype(q.dtype), lse.astype(jnp.float32), _kernel_operands(arrays))
