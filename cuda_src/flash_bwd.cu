@@ -198,8 +198,9 @@ struct BwdKernel {
         const int per_head = max(m_hi - m_lo, 0);
         const int iterations = group * per_head;
 
-        // Loads of iteration `it` into buffer `stage`: Q and dO by cp.async, the rows'
-        // lse and Dsum by plain loads (+inf and 0 on padded rows: P = 0 there).
+        // Loads of iteration `it` into buffer `stage`, all by cp.async so that no thread
+        // waits on them before the iteration that uses them: Q, dO and the rows' lse and
+        // Dsum (+inf and 0 on padded rows, stored directly: P = 0 there).
         auto issue = [&](int it, int stage) {
             const int h = hk * group + it / per_head;
             const int m0 = (m_lo + it % per_head) * kBlockM;
@@ -214,9 +215,13 @@ struct BwdKernel {
                                                            p.head_dim, p.aligned & CF_ALIGN_DO, tid);
             const i64 ws = ws_offset(p, seq, b, h) + m0;
             for (int r = tid; r < kBlockM; r += kThreads) {
-                const bool in = r < rows_q;
-                sLse0[stage * kBlockM + r] = in ? p.lse_log2[ws + r] : CF_INF;
-                sDsum0[stage * kBlockM + r] = in ? p.dsum[ws + r] : 0.f;
+                if (r < rows_q) {
+                    cp_async_4(sLse0 + stage * kBlockM + r, p.lse_log2 + ws + r);
+                    cp_async_4(sDsum0 + stage * kBlockM + r, p.dsum + ws + r);
+                } else {
+                    sLse0[stage * kBlockM + r] = CF_INF;
+                    sDsum0[stage * kBlockM + r] = 0.f;
+                }
             }
         };
         if (kStages == 2 && iterations > 0) issue(0, 0);
@@ -370,10 +375,8 @@ struct BwdKernel {
                         if (row < rows_q) {
                             float* acc = p.dq_accum + (ws + row) * kHeadDim + q_d0 + 2 * t;
 #pragma unroll
-                            for (int dt = 0; dt < kDTq; ++dt) {
-                                atomicAdd(acc + dt * 8, acc_dq[mt][dt][2 * r]);
-                                atomicAdd(acc + dt * 8 + 1, acc_dq[mt][dt][2 * r + 1]);
-                            }
+                            for (int dt = 0; dt < kDTq; ++dt)
+                                atomic_add2(acc + dt * 8, acc_dq[mt][dt][2 * r], acc_dq[mt][dt][2 * r + 1]);
                         }
                     }
             }
