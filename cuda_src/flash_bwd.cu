@@ -60,20 +60,23 @@ struct GradElem {
     }
 
     // Elements (i, j), (i, j+1), (i+8, j), (i+8, j+1) with i the tile's row g and j even.
+    // s: raw products q.k (basic variant) or scores already in log2 units (general
+    // variant: ScoreMods::to_log2, with `th` the tanh values for the softcap gradient).
     // `full`: the whole tile is allowed (no index masking needed).
-    CF_DEVICE void tile4(float (&s)[4], float (&dp)[4], int i, int j, bool full, const int (&lo)[2],
-                         const int (&hi)[2], const float (&lse2)[2], const float (&dsum)[2]) const {
+    CF_DEVICE void tile4(float (&s)[4], float (&dp)[4], const float (&th)[4], int i, int j, bool full,
+                         const int (&lo)[2], const int (&hi)[2], const float (&lse2)[2],
+                         const float (&dsum)[2]) const {
         bool keep[4] = {true, true, true, true};
         const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
         if (dropout) dropout_keep4(p, bh, i, j, keep);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
-            const bool in_band = jj >= lo[r] && jj <= hi[r];
-            float x, th = 0.f;
+            float x;
             if constexpr (kGeneral) {
-                x = mods.apply(s[e], ii, jj, ii < seq.seqlen_q && in_band, th);
+                x = s[e];
             } else {
+                const bool in_band = jj >= lo[r] && jj <= hi[r];
                 x = (full || in_band) ? __fmul_rn(s[e], p.scale_log2) : -CF_INF;  // as the forward rounds it
             }
             // x <= lse in exact arithmetic; the LSE's round trip through natural log can
@@ -94,7 +97,7 @@ struct GradElem {
                 if ((p.flags & CF_WANT_DBIAS) && ii < seq.seqlen_q && jj < seq.seqlen_k)
                     p.dbias_full[(i64)b * p.dbias_batch_stride + (i64)h * p.dbias_head_stride +
                                  (i64)ii * p.dbias_row_stride + jj] = ds;
-                if (p.flags & CF_HAS_SOFTCAP) ds *= 1.f - th * th;
+                if (p.flags & CF_HAS_SOFTCAP) ds *= 1.f - th[e] * th[e];
             }
             s[e] = pv;
             dp[e] = ds;
@@ -306,9 +309,12 @@ struct BwdKernel {
                 const float dsum[2] = {sDsum[r], sDsum[r + 8]};
                 int lo[2], hi[2];
                 grad.row_limits(m0 + r, lo, hi);
+                float th[kNTs][4];
+                if constexpr (kGeneral) mods.to_log2<kNTs, true>(s[mt], th, m0 + r, n0 + s_c0 + 2 * t, index_mask);
 #pragma unroll
                 for (int nt = 0; nt < kNTs; ++nt)
-                    grad.tile4(s[mt][nt], dp[mt][nt], m0 + r, n0 + s_c0 + nt * 8 + 2 * t, full, lo, hi, lse2, dsum);
+                    grad.tile4(s[mt][nt], dp[mt][nt], th[nt], m0 + r, n0 + s_c0 + nt * 8 + 2 * t, full, lo, hi,
+                               lse2, dsum);
                 store_acc<T, kLdS>(sP, s[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
                 store_acc<T, kLdS>(sdS, dp[mt], s_r0 + mt * 16, s_c0, lane, 1.f);
             }
@@ -492,9 +498,11 @@ struct DqKernel {
                 }
             }
             const bool full = index_mask.tile_is_full(m0, kBlockM, n0, kBlockN);
+            float th[kNT][4];
+            if constexpr (kGeneral) mods.to_log2<kNT, true>(s, th, m0 + row_g, n0 + 2 * t, index_mask);
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
-                grad.tile4(s[nt], dp[nt], m0 + row_g, n0 + nt * 8 + 2 * t, full, lo, hi, lse2, dsum);
+                grad.tile4(s[nt], dp[nt], th[nt], m0 + row_g, n0 + nt * 8 + 2 * t, full, lo, hi, lse2, dsum);
             // dQ += dS K, dS straight from registers.
 #pragma unroll
             for (int kk = 0; kk < kBlockN / 16; ++kk) {

@@ -135,23 +135,10 @@ struct FwdKernel {
                 // huge score is larger than the whole softmax range.
                 if constexpr (kGeneral) {
 #pragma unroll
-                    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const int i = warp_row0 + mt * 16 + g + 8 * r;
-                            int lo, hi;
-                            index_mask.row_limits(i, lo, hi);
-                            const bool row_ok = i < seq.seqlen_q;
-#pragma unroll
-                            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                                for (int c = 0; c < 2; ++c) {
-                                    const int j = n0 + nt * 8 + 2 * t + c;
-                                    float unused;
-                                    s[mt][nt][2 * r + c] =
-                                        mods.apply(s[mt][nt][2 * r + c], i, j, row_ok && j >= lo && j <= hi, unused);
-                                }
-                        }
+                    for (int mt = 0; mt < kMT; ++mt) {
+                        float unused[kNT][4];
+                        mods.to_log2<kNT, false>(s[mt], unused, warp_row0 + mt * 16 + g, n0 + 2 * t, index_mask);
+                    }
                 } else {
 #pragma unroll
                     for (int mt = 0; mt < kMT; ++mt)
@@ -300,8 +287,7 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_probs(const __grid_con
     float x;
     if (CF_GENERAL) {
         const ScoreMods mods(p, seq, b, h);
-        float unused;
-        x = mods.apply(qk, i, j, ok, unused);
+        x = mods.to_log2_one(qk, i, j, ok);
     } else {
         x = ok ? __fmul_rn(qk, p.scale_log2) : -CF_INF;
     }

@@ -136,18 +136,80 @@ struct ScoreMods {
         return to_float(static_cast<const half_t*>(bias)[at]);
     }
 
-    // The score of (i, j) in log2 units from the raw product qk, or -inf when (i, j) is
-    // disallowed (`index_ok` false, which also keeps the bias and mask reads in bounds).
-    // `tanh_out` receives tanh(x / softcap), which the softcap gradient needs.
-    CF_DEVICE float apply(float qk, int i, int j, bool index_ok, float& tanh_out) const {
-        float x = __fmul_rn(qk, scale);  // rounded alone, identically in forward and backward
-        tanh_out = 0.f;
-        if (flags & CF_HAS_SOFTCAP) {
-            tanh_out = tanhf(x * inv_softcap);
-            x = softcap * tanh_out;
+    // A warp's accumulator row block (NT n8 tiles along the keys) from raw products q.k to
+    // scores in log2 units, -inf where (i, j) is disallowed. i0 is the block's row g (the
+    // thread holds rows i0 and i0 + 8), j0 the key of tile 0's first element (2t).
+    // Each modifier is one pass over the block behind one uniform test of its flag: a
+    // per-element test of every flag would split the block into tiny basic blocks that
+    // the scheduler cannot overlap. Bias and mask are read only where the index rules
+    // allow (i, j), which also keeps the reads in bounds. With kKeepTanh, `tanh_out`
+    // receives tanh(x / softcap) for the softcap gradient.
+    template <int NT, bool kKeepTanh>
+    CF_DEVICE void to_log2(float (&s)[NT][4], float (&tanh_out)[NT][4], int i0, int j0,
+                           const IndexMask& index_mask) const {
+        int lo[2], hi[2];
+        bool row_in[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            index_mask.row_limits(i0 + 8 * r, lo[r], hi[r]);
+            row_in[r] = i0 + 8 * r < index_mask.seqlen_q;
         }
+        bool ok[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1, j = j0 + nt * 8 + (e & 1);
+                ok[nt][e] = row_in[r] && j >= lo[r] && j <= hi[r];
+                s[nt][e] = __fmul_rn(s[nt][e], scale);  // rounded alone, identically in forward and backward
+            }
+        if (flags & CF_HAS_SOFTCAP) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float t = tanhf(s[nt][e] * inv_softcap);
+                    if constexpr (kKeepTanh) tanh_out[nt][e] = t;
+                    s[nt][e] = softcap * t;
+                }
+        }
+        if (flags & CF_HAS_ALIBI) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = i0 + 8 * (e >> 1), j = j0 + nt * 8 + (e & 1);
+                    s[nt][e] -= slope * fabsf((float)(i + diag - j));
+                }
+        }
+        if (flags & CF_HAS_BIAS) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (ok[nt][e]) s[nt][e] += bias_at(i0 + 8 * (e >> 1), j0 + nt * 8 + (e & 1));
+        }
+        if (flags & CF_HAS_MASK) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (ok[nt][e])
+                        ok[nt][e] = mask[(i64)(i0 + 8 * (e >> 1)) * mask_row_stride +
+                                         (i64)(j0 + nt * 8 + (e & 1)) * mask_col_stride] != 0;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = ok[nt][e] ? __fmul_rn(s[nt][e], CF_LOG2E) : -CF_INF;
+    }
+
+    // One element (the probabilities debugging kernel): the same rules as to_log2.
+    CF_DEVICE float to_log2_one(float qk, int i, int j, bool index_ok) const {
+        float x = __fmul_rn(qk, scale);
+        if (flags & CF_HAS_SOFTCAP) x = softcap * tanhf(x * inv_softcap);
         if (!index_ok) return -CF_INF;
-        if (flags & CF_HAS_ALIBI) x -= slope * fabsf((float)((i64)i + diag - j));
+        if (flags & CF_HAS_ALIBI) x -= slope * fabsf((float)(i + diag - j));
         if (flags & CF_HAS_BIAS) x += bias_at(i, j);
         if ((flags & CF_HAS_MASK) && !mask[(i64)i * mask_row_stride + (i64)j * mask_col_stride]) return -CF_INF;
         return __fmul_rn(x, CF_LOG2E);

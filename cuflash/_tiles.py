@@ -59,6 +59,15 @@ def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
     return (2 * t.block_m + 2 * t.block_n) * (head_dim + _PAD) * elem_bytes
 
 
+# Variants with score modifiers (CF_GENERAL) hold more live values per element: these
+# rows come first for them. (kernel, fp32?, largest head dim, tiles, reason).
+_GENERAL_TABLE = (
+    ("fwd", False, 128, Tiles(64, 64, 4), "modifiers, d<=128: 245 registers, no spills (128x64x4 spills 870 B)"),
+    ("fwd", False, 256, Tiles(64, 32, 4), "modifiers, d<=256: as the plain variant"),
+    ("bwd", False, 128, Tiles(64, 64, 8, 2), "modifiers, d<=128: no spills (64x128 key tiles spill 570 B)"),
+    ("dq", False, 256, Tiles(32, 32, 2), "modifiers, deterministic dQ, d<=256: 64x64x4 spills 1.1 KB"),
+)
+
 # (kernel, fp32?, largest head dim, tiles, reason). Scanned in order.
 _TABLE = (
     # --- forward: each warp owns block_m / warps query rows -------------------------------
@@ -100,14 +109,14 @@ class UnsupportedConfig(ValueError):
 OVERRIDES: dict[tuple[str, bool, int], Tiles] = {}
 
 
-def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int) -> Tiles:
+def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, general: bool = False) -> Tiles:
     bucket = head_dim_bucket(head_dim)
     fp32 = np.dtype(dtype) == np.float32
     elem = 4 if fp32 else 2
     forced = OVERRIDES.get((kernel, fp32, bucket))
     if forced is not None and _SMEM[kernel](forced, bucket, elem) <= smem_limit:
         return forced
-    for name, is_fp32, max_d, tiles, _reason in _TABLE:
+    for name, is_fp32, max_d, tiles, _reason in (_GENERAL_TABLE + _TABLE) if general else _TABLE:
         if name == kernel and is_fp32 == fp32 and bucket <= max_d and _SMEM[kernel](tiles, bucket, elem) <= smem_limit:
             return tiles
     raise UnsupportedConfig(
@@ -117,7 +126,7 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int) -> T
 
 def forward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> tuple[Variant, Tiles, int]:
     bucket = head_dim_bucket(head_dim)
-    t = tiles_for("fwd", dtype, head_dim, smem_limit)
+    t = tiles_for("fwd", dtype, head_dim, smem_limit, general)
     defines = (
         ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
         ("CF_HEAD_DIM", bucket),
@@ -144,8 +153,8 @@ class BackwardPlan:
 def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> BackwardPlan:
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
-    t = tiles_for("bwd", dtype, head_dim, smem_limit)
-    tq = tiles_for("dq", dtype, head_dim, smem_limit)
+    t = tiles_for("bwd", dtype, head_dim, smem_limit, general)
+    tq = tiles_for("dq", dtype, head_dim, smem_limit, general)
     defines = (
         ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
         ("CF_HEAD_DIM", bucket),
