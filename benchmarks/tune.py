@@ -37,11 +37,10 @@ def variants(arch: str):
         for tiles in cands:
             _tiles.OVERRIDES.clear()
             _tiles.OVERRIDES[(kernel, False, d)] = tiles
-            for general in (False,):
-                if kernel == "fwd":
-                    yield _tiles.forward_variant(BFLOAT16, d, general, limit)[0]
-                else:
-                    yield _tiles.backward_variant(BFLOAT16, d, general, limit).variant
+            if kernel == "fwd":
+                yield _tiles.forward_variant(BFLOAT16, d, False, limit)[0]
+            else:
+                yield _tiles.backward_variant(BFLOAT16, d, False, limit).variant
     _tiles.OVERRIDES.clear()
 
 
