@@ -867,7 +867,7 @@ def _compile_one(job):
         return variant.tag, 0.0, f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def needed_variants(plan: Plan, limit: int) -> list:
+def needed_variants(plan: Plan, limit: int, arch: str | None = None) -> list:
     """The kernel variants (forward and backward) the planned sections launch."""
     from cuflash import _tiles
     from cuflash._interop import BFLOAT16
@@ -885,7 +885,7 @@ def needed_variants(plan: Plan, limit: int) -> list:
         wanted.add(("bf16", plan.memory_head_dim, False))
     variants = set()
     for dt, d, general in wanted:
-        variants.add(_tiles.forward_variant(np_dtype[dt], d, general, limit)[0])
+        variants.add(_tiles.forward_variant(np_dtype[dt], d, general, limit, arch)[0])
         try:
             variants.add(_tiles.backward_variant(np_dtype[dt], d, general, limit).variant)
         except _tiles.UnsupportedConfig:
@@ -923,7 +923,7 @@ def prebuild(plan: Plan) -> dict:
 
     device = torch.cuda.current_device()
     arch, limit = _build.arch_of(device), _launch.smem_limit(device)
-    info = compile_variants(needed_variants(plan, limit), arch)
+    info = compile_variants(needed_variants(plan, limit, arch), arch)
     print(f"prebuild: {info}", flush=True)
     return info
 

@@ -21,13 +21,15 @@ from cuflash import _build, _tiles  # noqa: E402
 from cuflash._interop import BFLOAT16  # noqa: E402
 
 T = _tiles.Tiles
+W = dict(wgmma=True)
+O = dict(wgmma=True, overlap=True)
 CANDIDATES = {
-    ("fwd", 64): [T(64, 64, 4), T(64, 64, 4, q_regs=True), T(128, 64, 4), T(128, 128, 8)],
-    ("fwd", 128): [T(64, 64, 4), T(64, 64, 4, q_regs=True), T(128, 64, 4), T(128, 64, 8, q_regs=True)],
-    ("fwd", 256): [T(128, 64, 8), T(64, 64, 4), T(64, 32, 4)],
-    ("bwd", 64): [T(64, 128, 8, 2), T(64, 128, 8, 1), T(128, 128, 8, 1)],
-    ("bwd", 128): [T(64, 128, 8, 2), T(64, 128, 8, 1), T(128, 128, 8, 1)],
-    ("bwd", 256): [T(64, 64, 8, 2), T(64, 64, 8, 1)],
+    # Hopper forward (warpgroup MMA): block_m = 64 x warpgroups, warps = 4 x warpgroups;
+    # overlap = P·V of one key tile during the softmax of the next.
+    ("fwd_sm90", 64): [T(192, 128, 12, **W), T(128, 128, 8, **O), T(192, 128, 12, **O), T(64, 128, 4, min_blocks=2, **W),
+                       T(64, 128, 4, min_blocks=2, **O)],
+    ("fwd_sm90", 128): [T(128, 128, 8, **W), T(128, 128, 8, **O), T(128, 64, 8, **O), T(192, 64, 12, **O)],
+    ("fwd_sm90", 256): [T(128, 64, 8, **W), T(128, 64, 8, **O), T(128, 32, 8, **O)],
 }
 
 
@@ -37,7 +39,9 @@ def variants(arch: str):
         for tiles in cands:
             _tiles.OVERRIDES.clear()
             _tiles.OVERRIDES[(kernel, False, d)] = tiles
-            if kernel == "fwd":
+            if kernel == "fwd_sm90":
+                yield _tiles.forward_variant(BFLOAT16, d, False, limit, arch)[0]
+            elif kernel == "fwd":
                 yield _tiles.forward_variant(BFLOAT16, d, False, limit)[0]
             else:
                 yield _tiles.backward_variant(BFLOAT16, d, False, limit).variant
@@ -78,17 +82,19 @@ def run(seqlen: int) -> None:
             args64 = [t.double().cpu().numpy() for t in small]
             ref_out, ref_lse = reference.forward(*args64[:3], causal=causal)
             ref_dq = reference.backward(args64[3], *args64[:3], ref_out, ref_lse, causal=causal)[0]
-            flops = 4 * b * h * seqlen * seqlen * d / (2 if causal else 1) * (1 if kernel == "fwd" else 2.5)
+            flops = 4 * b * h * seqlen * seqlen * d / (2 if causal else 1) * (1 if kernel.startswith("fwd") else 2.5)
             for tiles in cands:
                 _tiles.OVERRIDES.clear()
                 _tiles.OVERRIDES[(kernel, False, d)] = tiles
+                _tiles.WGMMA_ENABLED = kernel != "fwd"  # "fwd": the portable mma.sync kernel
                 out, lse = cuflash.forward(*small[:3], causal=causal)
                 dq = cuflash.backward(small[3], *small[:3], out, lse, causal=causal)[0]
                 err_o = float(np.abs(out.double().cpu().numpy() - ref_out).max())
+                err_o = max(err_o, float(np.abs(lse.double().cpu().numpy() - ref_lse).max()))
                 err_q = float(np.abs(dq.double().cpu().numpy() - ref_dq).max() / np.abs(ref_dq).max())
-                modes = [False] if kernel == "fwd" else [False, True]
+                modes = [False] if kernel.startswith("fwd") else [False, True]
                 for deterministic in modes:
-                    if kernel == "fwd":
+                    if kernel.startswith("fwd"):
                         fn = lambda: cuflash.forward(q, k, v, causal=causal)  # noqa: E731
                     else:
                         o, l = cuflash.forward(q, k, v, causal=causal)
@@ -96,9 +102,11 @@ def run(seqlen: int) -> None:
                                                       deterministic=deterministic)
                     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                     print(f"{kernel} d={d} causal={int(causal)} tiles={tiles.block_m},{tiles.block_n},{tiles.warps},"
-                          f"s{tiles.stages},q{int(tiles.q_regs)}{' det' if deterministic else ''} "
-                          f"err_out={err_o:.1e} err_dq={err_q:.1e} {flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
+                          f"s{tiles.stages},q{int(tiles.q_regs)},w{tiles.wm_s}{tiles.wn_kv}{tiles.wm_q},b{tiles.min_blocks},o{int(tiles.overlap)}"
+                          f"{' det' if deterministic else ''} err_out={err_o:.1e} err_dq={err_q:.1e} "
+                          f"{flops / ms / 1e9:6.1f} TFLOP/s", flush=True)
     _tiles.OVERRIDES.clear()
+    _tiles.WGMMA_ENABLED = True
 
 
 if __name__ == "__main__":

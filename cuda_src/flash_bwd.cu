@@ -20,7 +20,8 @@
 //
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM, CF_HEAD_DIM, CF_GENERAL,
 // CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_BWD_STAGES (dK/dV kernel; 2 stages
-// load the next query tile's Q and dO while this one computes) and CF_DQ_BLOCK_M,
+// load the next query tile's Q and dO while this one computes), CF_BWD_WM_S, CF_BWD_WN_KV,
+// CF_BWD_WM_Q (its warp layouts; 0 = rows first) and CF_DQ_BLOCK_M,
 // CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel).
 #include "common.cuh"
 #include "mask.cuh"
@@ -143,23 +144,31 @@ CF_DEVICE void bwd_prep(const Params& p) {
 
 // ---- dK, dV (and atomic dQ) --------------------------------------------------------------
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, int kStages>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, int kStages, int kWarpsMS,
+          int kWarpsNKV, int kWarpsMQ>
 struct BwdKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;   // Q, dO, K, V tiles
     static constexpr int kLdS = kBlockN + SmemPad<T>::kElems;   // P, dS tiles [kBlockM][kBlockN]
-    // S and dP (kBlockM x kBlockN): warps tile rows first, then columns.
-    static constexpr int kWmS = kNWarps < kBlockM / 16 ? kNWarps : kBlockM / 16;
+    // Warp layouts of the three products, as a grid (warps along the first dimension) x
+    // (the rest). A warp reads its A rows and B columns from shared memory once per k-step,
+    // so squarer sub-tiles read less: shared-memory bandwidth, not the tensor cores, bounds
+    // this kernel. 0 selects rows first.
+    // S and dP (kBlockM x kBlockN).
+    static constexpr int kWmS = kWarpsMS ? kWarpsMS : (kNWarps < kBlockM / 16 ? kNWarps : kBlockM / 16);
     static constexpr int kWnS = kNWarps / kWmS;
     static constexpr int kMTs = kBlockM / kWmS / 16, kNTs = kBlockN / kWnS / 8;
     // dK, dV (kBlockN x kHeadDim).
-    static constexpr int kWnKV = kNWarps < kBlockN / 16 ? kNWarps : kBlockN / 16;
+    static constexpr int kWnKV = kWarpsNKV ? kWarpsNKV : (kNWarps < kBlockN / 16 ? kNWarps : kBlockN / 16);
     static constexpr int kWdKV = kNWarps / kWnKV;
     static constexpr int kMTkv = kBlockN / kWnKV / 16, kDTkv = kHeadDim / kWdKV / 8;
     // dQ (kBlockM x kHeadDim).
-    static constexpr int kWmQ = kWmS, kWdQ = kNWarps / kWmQ;
+    static constexpr int kWmQ = kWarpsMQ ? kWarpsMQ : kWmS, kWdQ = kNWarps / kWmQ;
     static constexpr int kMTq = kBlockM / kWmQ / 16, kDTq = kHeadDim / kWdQ / 8;
-    static_assert(kWmS * kWnS == kNWarps && kWnKV * kWdKV == kNWarps, "warp layout");
+    static_assert(kWmS * kWnS == kNWarps && kWnKV * kWdKV == kNWarps && kWmQ * kWdQ == kNWarps, "warp layout");
+    static_assert(kMTs * kWmS * 16 == kBlockM && kNTs * kWnS * 8 == kBlockN, "S tiles split evenly");
+    static_assert(kMTkv * kWnKV * 16 == kBlockN && kDTkv * kWdKV * 8 == kHeadDim, "dK/dV tiles split evenly");
+    static_assert(kMTq * kWmQ * 16 == kBlockM && kDTq * kWdQ * 8 == kHeadDim, "dQ tiles split evenly");
     static_assert(kNTs % 2 == 0 && kDTkv % 2 == 0 && kDTq % 2 == 0, "B fragments load in pairs of n8 tiles");
     static_assert(kStages == 1 || kStages == 2, "Q/dO buffering");
 
@@ -553,7 +562,8 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_prep(const __grid_
 
 extern "C" __global__ void __launch_bounds__(CF_BWD_WARPS * 32) cuflash_bwd_dkdv(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
-    BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0, CF_BWD_STAGES>::run(p, smem);
+    BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0, CF_BWD_STAGES, CF_BWD_WM_S,
+              CF_BWD_WN_KV, CF_BWD_WM_Q>::run(p, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(CF_DQ_WARPS * 32) cuflash_bwd_dq(const __grid_constant__ Params p) {

@@ -23,6 +23,26 @@ struct OnlineSoftmax {
     // The output accumulator is rescaled for the new running max.
     template <int DT>
     CF_DEVICE void step(float (&s)[NT][4], float (&o)[DT][4]) {
+        float alpha[2];
+        update(s, alpha);
+        rescale(o, alpha);
+    }
+
+    // Output rows times alpha (the factor `update` returned for the new running max).
+    template <int DT>
+    CF_DEVICE static void rescale(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+    }
+
+    // `step` without touching the output: the caller rescales it by alpha later (when a
+    // product still in flight accumulates into it under the old max).
+    CF_DEVICE void update(float (&s)[NT][4], float (&alpha)[2]) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = row_max[r];
@@ -30,14 +50,9 @@ struct OnlineSoftmax {
             for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
             mx = warp_max_quad(mx);
             const float m_ref = mx == -CF_INF ? 0.f : mx;
-            const float alpha = fast_exp2(row_max[r] - m_ref);
+            alpha[r] = fast_exp2(row_max[r] - m_ref);
             row_max[r] = mx;
-            row_sum[r] *= alpha;
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * r] *= alpha;
-                o[dt][2 * r + 1] *= alpha;
-            }
+            row_sum[r] *= alpha[r];
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {

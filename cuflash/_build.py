@@ -71,10 +71,14 @@ class Variant:
 
     kernel_file: str  # e.g. "flash_fwd.cu"
     defines: tuple[tuple[str, int], ...]
+    arch_suffix: str = ""  # "a": architecture-specific features (sm_90a's wgmma), that GPU only
 
     @property
     def tag(self) -> str:
         return f"{self.kernel_file.split('.')[0]}-" + "-".join(f"{k.replace('CF_', '').lower()}{v}" for k, v in self.defines)
+
+    def with_defines(self, extra: tuple[tuple[str, int], ...]) -> Variant:
+        return dataclasses.replace(self, defines=self.defines + extra)
 
 
 @dataclasses.dataclass
@@ -89,7 +93,7 @@ class CompileError(RuntimeError):
 
 
 def options_for(variant: Variant, arch: str) -> list[str]:
-    return [f"--gpu-architecture={arch}", *_OPTIONS, *(f"-D{k}={v}" for k, v in variant.defines)]
+    return [f"--gpu-architecture={arch}{variant.arch_suffix}", *_OPTIONS, *(f"-D{k}={v}" for k, v in variant.defines)]
 
 
 def cache_key(variant: Variant, arch: str) -> str:
@@ -161,7 +165,17 @@ _modules: dict[tuple[Variant, str, int], Any] = {}
 STATS = {"compiled": 0, "compile_seconds": 0.0, "loaded": 0, "load_seconds": 0.0}
 
 
+_arches: dict[int, str] = {}
+
+
 def arch_of(device_index: int) -> str:
+    arch = _arches.get(device_index)
+    if arch is None:
+        arch = _arches[device_index] = _query_arch(device_index)
+    return arch
+
+
+def _query_arch(device_index: int) -> str:
     import cupy
 
     cc = cupy.cuda.Device(device_index).compute_capability  # e.g. "90"

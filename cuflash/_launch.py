@@ -70,7 +70,9 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.out.fill(0)
         views.lse.fill(-np.inf)
         return
-    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    variant, tiles, smem = _tiles.forward_variant(
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+    )
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)

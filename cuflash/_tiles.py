@@ -39,6 +39,16 @@ class Tiles:
     warps: int
     stages: int = 1  # backward: Q/dO buffers (2 = load the next query tile during compute)
     q_regs: bool = False  # forward: keep Q fragments in registers across the key loop
+    # Backward dK/dV warp layouts (0: rows first): warps along the query rows of S and dP,
+    # along the keys of dK and dV, along the query rows of dQ; the rest split the columns.
+    wm_s: int = 0
+    wn_kv: int = 0
+    wm_q: int = 0
+    # Forward on Hopper (sm_90a): warpgroup MMA kernel (flash_fwd_sm90.cu), 4 warps per 64
+    # query rows, K/V double-buffered; min_blocks = resident blocks per SM it is built for.
+    wgmma: bool = False
+    min_blocks: int = 1
+    overlap: bool = False  # Hopper forward: P·V of one key tile runs during the next's softmax
 
     @property
     def threads(self) -> int:
@@ -46,6 +56,11 @@ class Tiles:
 
 
 def fwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
+    if t.wgmma:
+        # Q and two stages of K and V, head dim padded to whole 128-byte swizzle rows, plus
+        # 1 KB to align the swizzle atoms (FwdSm90::kSmemBytes).
+        d64 = -(-head_dim // 64) * 64
+        return (t.block_m + 4 * t.block_n) * d64 * elem_bytes + 1024
     return (t.block_m + 2 * t.block_n) * (head_dim + _PAD) * elem_bytes
 
 
@@ -78,9 +93,15 @@ _TABLE = (
     ("fwd", True, 256, Tiles(64, 32, 4), "fp32 d<=256: 135 KB smem"),
     ("fwd", True, 256, Tiles(32, 16, 2), "fp32 d<=256 on 99 KB parts"),
     # --- backward dK/dV: K, V, Q, dO, P, dS tiles all resident ----------------------------
+    # Warp layouts (wm_s, wn_kv, wm_q) = (2, 4, 2): 32x32 S/dP, 32x64 dK/dV and 32x32 dQ
+    # sub-tiles per warp read a quarter less shared memory than rows-first (4, 8, 4):
+    # d=128 247 vs 221 TFLOP/s (causal 222 vs 198), d=64 184 vs 174 (tune.py, H200).
+    ("bwd", False, 128, Tiles(64, 128, 8, 2, wm_s=2, wn_kv=4, wm_q=2), "d<=128 (not 32, 96): squarer warp sub-tiles, +6-12%"),
+    ("bwd", False, 128, Tiles(64, 128, 8, 2, wm_s=2, wn_kv=4, wm_q=4), "d=32, 96: dQ split in two column halves"),
     ("bwd", False, 128, Tiles(64, 128, 8, 2), "d<=128: 128-key tiles 1.2-1.4x faster than 64; double-buffered Q/dO +7% at d=128 (187 vs 174 TFLOP/s); 174 KB smem (Hopper)"),
     ("bwd", False, 128, Tiles(64, 128, 8), "d<=128 on A100 (163 KB): single-buffered Q/dO, 139 KB"),
     ("bwd", False, 128, Tiles(64, 64, 8), "d<=128 on 99 KB parts: 88 KB smem"),
+    ("bwd", False, 256, Tiles(64, 64, 8, 2, wm_s=2, wn_kv=2, wm_q=2), "d=192, 256: 32x32 S/dP sub-tiles, 32x64 dK/dV and dQ: 192 vs 184 TFLOP/s (causal 178 vs 170)"),
     ("bwd", False, 256, Tiles(64, 64, 8, 2), "d<=256: dK+dV 128 fp32 registers per thread; double-buffered Q/dO +9% (137 vs 125 TFLOP/s) in 221 KB (Hopper)"),
     ("bwd", False, 256, Tiles(64, 64, 8), "d<=256 on A100: 154 KB smem"),
     ("bwd", False, 256, Tiles(32, 32, 4), "d<=256 on 99 KB parts: 72 KB smem"),
@@ -98,7 +119,39 @@ _TABLE = (
     ("dq", True, 256, Tiles(16, 16, 1), "fp32 d<=256 on 99 KB parts: 68 KB smem"),
 )
 
+# Hopper forward (16-bit, no score modifiers): (largest head dim, tiles, reason). The
+# mma.sync kernel's best reaches ~0.85x FlashAttention-2 there; warpgroup MMA issues a
+# 64 x N x 16 product per instruction from shared memory, with no fragment loads.
+_SM90_FWD_TABLE = (
+    # Measured on H200, bf16, 16k tokens, seqlen 4k (benchmarks/tune.py; benchmarks/NOTES.md).
+    (64, Tiles(192, 128, 12, wgmma=True), "d<=64: three warpgroups share K/V tiles: 304 TFLOP/s vs 282 with two (overlapped); overlap loses at 12 warps (168 registers, spills)"),
+    (128, Tiles(128, 128, 8, wgmma=True, overlap=True), "d<=128: 128-key tiles, P·V overlapped with the next softmax: 404 vs 378 TFLOP/s without (causal 358 vs 336)"),
+    (256, Tiles(128, 64, 8, wgmma=True, overlap=True), "d<=256: 64-key tiles, 198 KB: 443 vs 351 TFLOP/s with 32-key tiles (causal 385 vs 299)"),
+)
+WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
+WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
+
 _SMEM = {"fwd": fwd_smem, "bwd": bwd_smem, "dq": dq_smem}
+
+
+def bwd_layout(t: Tiles, head_dim: int) -> tuple[int, int, int] | None:
+    """The dK/dV kernel's warp layouts (wm_s, wn_kv, wm_q) for a padded head dim, or None
+    where a product does not split evenly (each warp's sub-tile must be whole pairs of
+    n8 tiles: the kernel's static_asserts)."""
+    w = t.warps
+    wm_s = t.wm_s or min(w, t.block_m // 16)
+    wn_kv = t.wn_kv or min(w, t.block_n // 16)
+    wm_q = t.wm_q or wm_s
+    for rows, cols, split in ((t.block_m, t.block_n, wm_s), (t.block_n, head_dim, wn_kv), (t.block_m, head_dim, wm_q)):
+        if w % split or rows % (16 * split) or cols % (16 * (w // split)):
+            return None
+    return wm_s, wn_kv, wm_q
+
+
+def _fits(kernel: str, t: Tiles, bucket: int, elem: int, smem_limit: int) -> bool:
+    if _SMEM[kernel](t, bucket, elem) > smem_limit:
+        return False
+    return kernel != "bwd" or bwd_layout(t, bucket) is not None
 
 
 class UnsupportedConfig(ValueError):
@@ -114,18 +167,48 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, gene
     fp32 = np.dtype(dtype) == np.float32
     elem = 4 if fp32 else 2
     forced = OVERRIDES.get((kernel, fp32, bucket))
-    if forced is not None and _SMEM[kernel](forced, bucket, elem) <= smem_limit:
+    if forced is not None and _fits(kernel, forced, bucket, elem, smem_limit):
         return forced
     for name, is_fp32, max_d, tiles, _reason in (_GENERAL_TABLE + _TABLE) if general else _TABLE:
-        if name == kernel and is_fp32 == fp32 and bucket <= max_d and _SMEM[kernel](tiles, bucket, elem) <= smem_limit:
+        if name == kernel and is_fp32 == fp32 and bucket <= max_d and _fits(kernel, tiles, bucket, elem, smem_limit):
             return tiles
     raise UnsupportedConfig(
         f"no {kernel} tiles for dtype={dtype} head_dim={head_dim} within {smem_limit} bytes of shared memory per block"
     )
 
 
-def forward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> tuple[Variant, Tiles, int]:
+def _sm90_forward_tiles(dtype: np.dtype, bucket: int, smem_limit: int) -> Tiles | None:
+    forced = OVERRIDES.get(("fwd_sm90", False, bucket))
+    if forced is not None and fwd_smem(forced, bucket, 2) <= smem_limit:
+        return forced
+    for max_d, tiles, _reason in _SM90_FWD_TABLE:
+        if bucket <= max_d and fwd_smem(tiles, bucket, 2) <= smem_limit:
+            return tiles
+    return None
+
+
+def forward_variant(
+    dtype: np.dtype, head_dim: int, general: bool, smem_limit: int, arch: str | None = None
+) -> tuple[Variant, Tiles, int]:
+    """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
+    bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
+    score modifiers get the warpgroup MMA kernel; arch=None plans the portable one."""
     bucket = head_dim_bucket(head_dim)
+    elem = np.dtype(dtype).itemsize
+    if WGMMA_ENABLED and arch in WGMMA_ARCHES and not general and elem == 2:
+        t = _sm90_forward_tiles(dtype, bucket, smem_limit)
+        if t is not None:
+            defines = (
+                ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
+                ("CF_HEAD_DIM", bucket),
+                ("CF_GENERAL", 0),
+                ("CF_FWD_BLOCK_M", t.block_m),
+                ("CF_FWD_BLOCK_N", t.block_n),
+                ("CF_FWD_WARPS", t.warps),
+                ("CF_FWD_MIN_BLOCKS", t.min_blocks),
+                ("CF_FWD_OVERLAP", int(t.overlap)),
+            )
+            return Variant("flash_fwd_sm90.cu", defines, arch_suffix="a"), t, fwd_smem(t, bucket, elem)
     t = tiles_for("fwd", dtype, head_dim, smem_limit, general)
     defines = (
         ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
@@ -136,7 +219,6 @@ def forward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: i
         ("CF_FWD_WARPS", t.warps),
         ("CF_FWD_Q_REGS", int(t.q_regs)),
     )
-    elem = np.dtype(dtype).itemsize
     return Variant("flash_fwd.cu", defines), t, fwd_smem(t, bucket, elem)
 
 
@@ -163,6 +245,7 @@ def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: 
         ("CF_BWD_BLOCK_N", t.block_n),
         ("CF_BWD_WARPS", t.warps),
         ("CF_BWD_STAGES", t.stages),
+        *zip(("CF_BWD_WM_S", "CF_BWD_WN_KV", "CF_BWD_WM_Q"), bwd_layout(t, bucket)),
         ("CF_DQ_BLOCK_M", tq.block_m),
         ("CF_DQ_BLOCK_N", tq.block_n),
         ("CF_DQ_WARPS", tq.warps),
@@ -180,6 +263,10 @@ def shipped_variants(arch: str) -> list[Variant]:
         for bucket in HEAD_DIM_BUCKETS:
             for general in (False, True):
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
+                if arch in WGMMA_ARCHES:
+                    wg = forward_variant(dtype, bucket, general, limit, arch)[0]
+                    if wg.arch_suffix:
+                        out.append(wg)
                 try:
                     out.append(backward_variant(dtype, bucket, general, limit).variant)
                 except UnsupportedConfig:

@@ -90,7 +90,7 @@ def test_every_shipped_variant_compiles(arch):
     # A define no source reads, unique to this run: every variant really goes through ptxas
     # (a compile served from a cache on the machine comes back without the -v report).
     nonce = (("CF_COMPILE_CHECK_RUN", int.from_bytes(os.urandom(3), "little")),)
-    jobs = [(_build.Variant(v.kernel_file, v.defines + nonce), arch) for v in _tiles.shipped_variants(arch)]
+    jobs = [(v.with_defines(nonce), arch) for v in _tiles.shipped_variants(arch)]
     assert len(jobs) >= 90
     report = {}
     failures = []
@@ -156,6 +156,30 @@ def test_tile_table_fits_every_arch_shared_memory():
                     assert np.dtype(dtype) == np.float32 and bucket > 128 and limit < 150_000
                     continue
                 assert plan.dkdv_smem <= limit and plan.dq_smem <= limit
+
+
+def test_hopper_forward_table_fits_and_is_chosen_only_where_it_runs():
+    limit = _tiles.SMEM_LIMIT["sm_90"]
+    for dtype in _tiles.ELEM_CODE:
+        for bucket in _tiles.HEAD_DIM_BUCKETS:
+            for general in (False, True):
+                variant, tiles, smem = _tiles.forward_variant(dtype, bucket, general, limit, "sm_90")
+                hopper = np.dtype(dtype).itemsize == 2 and not general
+                assert (variant.kernel_file == "flash_fwd_sm90.cu") == hopper == tiles.wgmma
+                assert (variant.arch_suffix == "a") == hopper and smem <= limit
+                if hopper:
+                    assert tiles.block_m == 16 * tiles.warps and tiles.warps % 4 == 0
+                    assert "--gpu-architecture=sm_90a" in _build.options_for(variant, "sm_90")
+    for arch in ("sm_80", "sm_86", "sm_89"):
+        assert _tiles.forward_variant(np.dtype(np.float16), 128, False, _tiles.SMEM_LIMIT[arch], arch)[0].kernel_file == "flash_fwd.cu"
+
+
+def test_wgmma_header_matches_its_generator():
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_wgmma.py"
+    if not script.is_file():
+        pytest.skip("scripts/ is not part of an installed package")
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, "cuda_src/wgmma.cuh differs from scripts/gen_wgmma.py's output: rerun the script"
 
 
 def test_head_dims_pad_to_buckets():
