@@ -10,6 +10,12 @@ typedef cf_i64 i64;
 typedef cf_u64 u64;
 typedef cf_u32 u32;
 
+#ifdef CF_BUILD_NONCE
+// Set only by the compile checks: the value lands in the PTX, so a compile cache keyed on
+// PTX (some drivers keep one below NVRTC) cannot answer, and ptxas really runs.
+__device__ __attribute__((used)) int cf_build_nonce = CF_BUILD_NONCE;
+#endif
+
 struct half_t {
     unsigned short bits;
 };
