@@ -887,9 +887,12 @@ def needed_variants(plan: Plan, limit: int, arch: str | None = None) -> list:
     for dt, d, general in wanted:
         variants.add(_tiles.forward_variant(np_dtype[dt], d, general, limit, arch)[0])
         try:
-            variants.add(_tiles.backward_variant(np_dtype[dt], d, general, limit).variant)
+            plan = _tiles.backward_variant(np_dtype[dt], d, general, limit, arch)
         except _tiles.UnsupportedConfig:
-            pass
+            continue
+        variants.add(plan.variant)
+        if plan.dkdv_variant is not None:
+            variants.add(plan.dkdv_variant)
     return sorted(variants, key=lambda v: v.tag)
 
 

@@ -30,6 +30,9 @@ CANDIDATES = {
                        T(64, 128, 4, min_blocks=2, **O)],
     ("fwd_sm90", 128): [T(128, 128, 8, **W), T(128, 128, 8, **O), T(128, 64, 8, **O), T(192, 64, 12, **O)],
     ("fwd_sm90", 256): [T(128, 64, 8, **W), T(128, 64, 8, **O), T(128, 32, 8, **O)],
+    # Hopper backward dK/dV: block_n = 64 x warpgroups, block_m = the query tile.
+    ("bwd_sm90", 64): [T(128, 128, 8, 2, **W), T(64, 64, 4, 2, min_blocks=2, **W)],
+    ("bwd_sm90", 128): [T(64, 128, 8, 2, **W), T(64, 64, 4, 2, min_blocks=2, **W)],
 }
 
 
@@ -44,7 +47,11 @@ def variants(arch: str):
             elif kernel == "fwd":
                 yield _tiles.forward_variant(BFLOAT16, d, False, limit)[0]
             else:
-                yield _tiles.backward_variant(BFLOAT16, d, False, limit).variant
+                plan = _tiles.backward_variant(BFLOAT16, d, False, limit, arch if kernel == "bwd_sm90" else None)
+                yield plan.variant
+                if plan.dkdv_variant is not None:
+                    yield plan.dkdv_variant
+                    yield _tiles.forward_variant(BFLOAT16, d, False, limit, arch)[0]
     _tiles.OVERRIDES.clear()
 
 
@@ -86,7 +93,7 @@ def run(seqlen: int) -> None:
             for tiles in cands:
                 _tiles.OVERRIDES.clear()
                 _tiles.OVERRIDES[(kernel, False, d)] = tiles
-                _tiles.WGMMA_ENABLED = kernel != "fwd"  # "fwd": the portable mma.sync kernel
+                _tiles.WGMMA_ENABLED = kernel.endswith("_sm90")  # otherwise the portable mma.sync kernels
                 out, lse = cuflash.forward(*small[:3], causal=causal)
                 dq = cuflash.backward(small[3], *small[:3], out, lse, causal=causal)[0]
                 err_o = float(np.abs(out.double().cpu().numpy() - ref_out).max())

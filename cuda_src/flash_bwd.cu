@@ -23,6 +23,7 @@
 // load the next query tile's Q and dO while this one computes), CF_BWD_WM_S, CF_BWD_WN_KV,
 // CF_BWD_WM_Q (its warp layouts; 0 = rows first) and CF_DQ_BLOCK_M,
 // CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel).
+#include "bwd_tile.cuh"
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -36,11 +37,6 @@ typedef bf16_t ElemT;
 #else
 typedef float ElemT;
 #endif
-
-// Offset of row i's entry in the row workspaces (lse_log2, dsum) for (batch b, head h).
-CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
-    return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
-}
 
 // Recomputes P for the four accumulator elements of an m16n8 tile and combines them
 // with dP into dS. On return `s` holds the probabilities that multiply dO in dV
@@ -108,9 +104,29 @@ struct GradElem {
 
 // ---- preprocess --------------------------------------------------------------------------
 
+// 16 bytes of two rows, elementwise product summed (8 16-bit or 4 fp32 elements).
+template <typename T>
+CF_DEVICE float dot16(const uint4& a, const uint4& b) {
+    const u32 x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        if constexpr (ElemInfo<T>::kIsFloat) {
+            sum += __uint_as_float(x[w]) * __uint_as_float(y[w]);
+        } else {
+            sum += to_float(T{(unsigned short)(x[w] & 0xffffu)}) * to_float(T{(unsigned short)(y[w] & 0xffffu)});
+            sum += to_float(T{(unsigned short)(x[w] >> 16)}) * to_float(T{(unsigned short)(y[w] >> 16)});
+        }
+    }
+    return sum;
+}
+
+// One warp per row at a time, kBatch rows in flight: a memory-bound pass over dO and O,
+// with 16-byte loads where the rows allow them.
 template <typename T, int kHeadDim>
 CF_DEVICE void bwd_prep(const Params& p) {
-    constexpr int kRows = 64, kWarps = 4;
+    constexpr int kRows = 64, kWarps = 4, kBatch = 4, kVec = 16 / (int)sizeof(T);
+    constexpr int kChunkSteps = (kHeadDim / kVec + 31) / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int num_row_blocks = (p.seqlen_q + kRows - 1) / kRows;
     const i64 linear = blockIdx.x;
@@ -122,22 +138,58 @@ CF_DEVICE void bwd_prep(const Params& p) {
     const T* out = static_cast<const T*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
     const float* lse = p.lse + seq.q_offset(p.lse_batch_stride, 1, p.lse_head_stride, b, h);
     const i64 ws = ws_offset(p, seq, b, h);
-    for (int r = warp; r < kRows; r += kWarps) {
-        const int i = row_block * kRows + r;
-        if (i >= seq.seqlen_q) break;
-        float sum = 0.f;
-        for (int d = lane; d < p.head_dim; d += 32)
-            sum += to_float(dout[(i64)i * p.do_row_stride + d]) * to_float(out[(i64)i * p.o_row_stride + d]);
+    const bool vec = (p.aligned & CF_ALIGN_DO) && (p.aligned & CF_ALIGN_O);
+    const int chunks = p.head_dim / kVec;
+    for (int r0 = warp * kBatch; r0 < kRows; r0 += kWarps * kBatch) {
+        float sum[kBatch];
+        if (vec) {
+            uint4 x[kBatch][kChunkSteps], y[kBatch][kChunkSteps];
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) {
-            const float l = lse[i];
-            p.dsum[ws + i] = sum;
-            p.lse_log2[ws + i] = l == -CF_INF ? CF_INF : l * CF_LOG2E;
+            for (int j = 0; j < kBatch; ++j) {
+                const int i = row_block * kRows + r0 + j;
+#pragma unroll
+                for (int c = 0; c < kChunkSteps; ++c) {
+                    const int chunk = lane + 32 * c;
+                    x[j][c] = y[j][c] = make_uint4(0u, 0u, 0u, 0u);
+                    if (i < seq.seqlen_q && chunk < chunks) {
+                        x[j][c] = *reinterpret_cast<const uint4*>(dout + (i64)i * p.do_row_stride + chunk * kVec);
+                        y[j][c] = *reinterpret_cast<const uint4*>(out + (i64)i * p.o_row_stride + chunk * kVec);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                sum[j] = 0.f;
+#pragma unroll
+                for (int c = 0; c < kChunkSteps; ++c) sum[j] += dot16<T>(x[j][c], y[j][c]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                const int i = row_block * kRows + r0 + j;
+                sum[j] = 0.f;
+                if (i < seq.seqlen_q)
+                    for (int d = lane; d < p.head_dim; d += 32)
+                        sum[j] += to_float(dout[(i64)i * p.do_row_stride + d]) * to_float(out[(i64)i * p.o_row_stride + d]);
+            }
         }
-        if (p.flags & CF_DQ_ATOMIC) {
-            float* acc = p.dq_accum + (ws + i) * kHeadDim;
-            for (int d = lane; d < kHeadDim; d += 32) acc[d] = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+            const int i = row_block * kRows + r0 + j;
+            float total = sum[j];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+            if (i >= seq.seqlen_q) continue;
+            if (lane == 0) {
+                const float l = lse[i];
+                p.dsum[ws + i] = total;
+                p.lse_log2[ws + i] = l == -CF_INF ? CF_INF : l * CF_LOG2E;
+            }
+            if (p.flags & CF_DQ_ATOMIC) {
+                float4* acc = reinterpret_cast<float4*>(p.dq_accum + (ws + i) * kHeadDim);  // rows of 128-byte multiples
+#pragma unroll
+                for (int d = lane; d < kHeadDim / 4; d += 32) acc[d] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
         }
     }
 }
@@ -184,7 +236,8 @@ struct BwdKernel {
         if (n0 >= seq.seqlen_k) return;
         const int rows_k = min(kBlockN, seq.seqlen_k - n0);
         const IndexMask index_mask(p, seq);
-        const int group = p.num_heads / p.num_heads_kv;
+        const KeyTileWalk<T> walk(p, seq, index_mask, b, hk, n0, kBlockN, kBlockM);
+        const int iterations = walk.iterations;
 
         // Shared memory: K, V | kStages x (Q, dO) | P, dS | kStages x (lse, Dsum) rows.
         T* sK = reinterpret_cast<T*>(smem);
@@ -196,40 +249,25 @@ struct BwdKernel {
         float* sLse0 = reinterpret_cast<float*>(sdS + kBlockM * kLdS);
         float* sDsum0 = sLse0 + kStages * kBlockM;
 
-        const T* k = static_cast<const T*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk) +
-                     (i64)n0 * p.k_row_stride;
-        const T* v = static_cast<const T*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk) +
-                     (i64)n0 * p.v_row_stride;
-        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k, p.k_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_K, tid);
-        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, v, p.v_row_stride, rows_k, p.head_dim, p.aligned & CF_ALIGN_V, tid);
-
-        // The tile's work: every query head of the kv group times the query blocks that
-        // can see these keys, flattened into one sequence of iterations.
-        int m_lo, m_hi;
-        index_mask.query_blocks(n0, kBlockN, kBlockM, m_lo, m_hi);
-        const int per_head = max(m_hi - m_lo, 0);
-        const int iterations = group * per_head;
+        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, walk.k(n0), p.k_row_stride, rows_k, p.head_dim,
+                                                       p.aligned & CF_ALIGN_K, tid);
+        load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, walk.v(n0), p.v_row_stride, rows_k, p.head_dim,
+                                                       p.aligned & CF_ALIGN_V, tid);
 
         // Loads of iteration `it` into buffer `stage`, all by cp.async so that no thread
         // waits on them before the iteration that uses them: Q, dO and the rows' lse and
         // Dsum (+inf and 0 on padded rows, stored directly: P = 0 there).
         auto issue = [&](int it, int stage) {
-            const int h = hk * group + it / per_head;
-            const int m0 = (m_lo + it % per_head) * kBlockM;
-            const int rows_q = min(kBlockM, seq.seqlen_q - m0);
-            const T* q = static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, h) +
-                         (i64)m0 * p.q_row_stride;
-            const T* dout = static_cast<const T*>(p.dout) +
-                            seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, h) + (i64)m0 * p.do_row_stride;
-            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ0 + stage * kBlockM * kLd, q, p.q_row_stride, rows_q,
+            const QueryTile qt = walk.at(it);
+            const int rows_q = qt.rows_q;
+            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ0 + stage * kBlockM * kLd, walk.q(qt), p.q_row_stride, rows_q,
                                                            p.head_dim, p.aligned & CF_ALIGN_Q, tid);
-            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO0 + stage * kBlockM * kLd, dout, p.do_row_stride, rows_q,
-                                                           p.head_dim, p.aligned & CF_ALIGN_DO, tid);
-            const i64 ws = ws_offset(p, seq, b, h) + m0;
+            load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sdO0 + stage * kBlockM * kLd, walk.dout(qt), p.do_row_stride,
+                                                           rows_q, p.head_dim, p.aligned & CF_ALIGN_DO, tid);
             for (int r = tid; r < kBlockM; r += kThreads) {
                 if (r < rows_q) {
-                    cp_async_4(sLse0 + stage * kBlockM + r, p.lse_log2 + ws + r);
-                    cp_async_4(sDsum0 + stage * kBlockM + r, p.dsum + ws + r);
+                    cp_async_4(sLse0 + stage * kBlockM + r, p.lse_log2 + qt.ws + r);
+                    cp_async_4(sDsum0 + stage * kBlockM + r, p.dsum + qt.ws + r);
                 } else {
                     sLse0[stage * kBlockM + r] = CF_INF;
                     sDsum0[stage * kBlockM + r] = 0.f;
@@ -265,9 +303,8 @@ struct BwdKernel {
                 issue(it + 1, stage ^ 1);  // overlaps with this iteration's compute
                 cp_async_commit();
             }
-            const int h = hk * group + it / per_head;
-            const int m0 = (m_lo + it % per_head) * kBlockM;
-            const int rows_q = min(kBlockM, seq.seqlen_q - m0);
+            const QueryTile qt = walk.at(it);
+            const int h = qt.h, m0 = qt.m0, rows_q = qt.rows_q;
             const ScoreMods mods(p, seq, b, h);
             const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, b * p.num_heads + h};
             const T* sQ = sQ0 + stage * kBlockM * kLd;
@@ -381,7 +418,7 @@ struct BwdKernel {
                         }
                     }
                 }
-                const i64 ws = ws_offset(p, seq, b, h) + m0;
+                const i64 ws = qt.ws;
 #pragma unroll
                 for (int mt = 0; mt < kMTq; ++mt)
 #pragma unroll
@@ -406,12 +443,10 @@ struct BwdKernel {
             store_acc<T, kLd>(sV, acc_dv[mt], kv_r0 + mt * 16, kv_d0, lane, 1.f);
         }
         __syncthreads();
-        T* dk = static_cast<T*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, hk) +
-                (i64)n0 * p.dk_row_stride;
-        T* dv = static_cast<T*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, hk) +
-                (i64)n0 * p.dv_row_stride;
-        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(dk, p.dk_row_stride, sK, rows_k, p.head_dim, p.aligned & CF_ALIGN_DK, tid);
-        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(dv, p.dv_row_stride, sV, rows_k, p.head_dim, p.aligned & CF_ALIGN_DV, tid);
+        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(walk.dk(n0), p.dk_row_stride, sK, rows_k, p.head_dim,
+                                                        p.aligned & CF_ALIGN_DK, tid);
+        store_tile<T, kBlockN, kHeadDim, kLd, kThreads>(walk.dv(n0), p.dv_row_stride, sV, rows_k, p.head_dim,
+                                                        p.aligned & CF_ALIGN_DV, tid);
     }
 };
 
@@ -541,7 +576,7 @@ struct DqKernel {
 
 template <typename T, int kHeadDim>
 CF_DEVICE void dq_convert(const Params& p) {
-    constexpr int kRows = 32;
+    constexpr int kRows = 32, kVec = 16 / (int)sizeof(T);
     const int num_row_blocks = (p.seqlen_q + kRows - 1) / kRows;
     const i64 linear = blockIdx.x;
     const int row_block = (int)(linear % num_row_blocks);
@@ -550,6 +585,32 @@ CF_DEVICE void dq_convert(const Params& p) {
     const SeqInfo seq(p, b);
     const i64 ws = ws_offset(p, seq, b, h);
     T* dq = static_cast<T*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, h);
+    if (p.aligned & CF_ALIGN_DQ) {
+        // 16 bytes of dQ per thread and step: kVec accumulator floats in, one vector out.
+        const int chunks = p.head_dim / kVec;
+        for (int idx = threadIdx.x; idx < kRows * chunks; idx += blockDim.x) {
+            const int i = row_block * kRows + idx / chunks, c = (idx % chunks) * kVec;
+            if (i >= seq.seqlen_q) break;
+            const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + (ws + i) * kHeadDim + c);
+            float f[kVec];
+#pragma unroll
+            for (int v = 0; v < kVec / 4; ++v) {
+                const float4 a = acc[v];
+                f[4 * v] = a.x * p.softmax_scale;
+                f[4 * v + 1] = a.y * p.softmax_scale;
+                f[4 * v + 2] = a.z * p.softmax_scale;
+                f[4 * v + 3] = a.w * p.softmax_scale;
+            }
+            uint4 packed;
+            if constexpr (ElemInfo<T>::kIsFloat) {
+                packed = make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+            } else {
+                packed = make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+            }
+            *reinterpret_cast<uint4*>(dq + (i64)i * p.dq_row_stride + c) = packed;
+        }
+        return;
+    }
     for (int idx = threadIdx.x; idx < kRows * p.head_dim; idx += blockDim.x) {
         const int i = row_block * kRows + idx / p.head_dim, d = idx % p.head_dim;
         if (i < seq.seqlen_q) dq[(i64)i * p.dq_row_stride + d] = from_float<T>(p.dq_accum[(ws + i) * kHeadDim + d] * p.softmax_scale);

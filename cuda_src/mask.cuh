@@ -61,6 +61,18 @@ struct IndexMask {
         hi = (int)max(h, (i64)-1);
     }
 
+    // The queries [lo, hi] that may attend key j (hi < lo when there are none): the
+    // transpose of row_limits, for kernels whose accumulator rows are keys.
+    CF_DEVICE void col_limits(int j, int& lo, int& hi) const {
+        const i64 d = (i64)j - diag;
+        i64 l = 0, h = seqlen_q - 1;
+        if (right >= 0) l = max(l, d - right);
+        if (left >= 0) h = min(h, d + left);
+        if (j >= seqlen_k) h = -1;
+        lo = (int)min(l, (i64)seqlen_q);
+        hi = (int)max(h, (i64)-1);
+    }
+
     // Key blocks [lo, hi) that rows [m0, m0 + M) may attend.
     CF_DEVICE void key_blocks(int m0, int M, int N, int& lo, int& hi) const {
         hi = (seqlen_k + N - 1) / N;

@@ -71,7 +71,8 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.lse.fill(-np.inf)
         return
     variant, tiles, smem = _tiles.forward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
+        dims.seqlen_q, opts.causal,
     )
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
@@ -115,8 +116,11 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
         for a in (views.dq, views.dk, views.dv):
             a.fill(0)
         return
-    plan = _tiles.backward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    plan = _tiles.backward_variant(
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+    )
     mod = _build.module(plan.variant, device_index)
+    dkdv_mod = _build.module(plan.dkdv_variant, device_index) if plan.dkdv_variant else mod
     atomic = not opts.deterministic
     p = _params.fill(views, opts, dims, dq_atomic=atomic, want_dbias=views.dbias_full is not None)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, plan.dq.block_m)
@@ -124,7 +128,7 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
     record = p.pack()
     bh = dims.batch * dims.num_heads
     _launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0, record, stream)
-    _launch(mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,
+    _launch(dkdv_mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,
             plan.dkdv.threads, plan.dkdv_smem, record, stream)
     if atomic:
         _launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0, record, stream)

@@ -44,8 +44,9 @@ class Tiles:
     wm_s: int = 0
     wn_kv: int = 0
     wm_q: int = 0
-    # Forward on Hopper (sm_90a): warpgroup MMA kernel (flash_fwd_sm90.cu), 4 warps per 64
-    # query rows, K/V double-buffered; min_blocks = resident blocks per SM it is built for.
+    # Hopper (sm_90a) warpgroup MMA kernels (flash_fwd_sm90.cu: 4 warps per 64 query rows;
+    # flash_bwd_sm90.cu: 4 warps per 64 keys); min_blocks = resident blocks per SM the
+    # registers must allow.
     wgmma: bool = False
     min_blocks: int = 1
     overlap: bool = False  # Hopper forward: P·V of one key tile runs during the next's softmax
@@ -68,6 +69,14 @@ def bwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
     ld, lds = head_dim + _PAD, t.block_n + _PAD
     tiles = 2 * t.block_n * ld + 2 * t.stages * t.block_m * ld + 2 * t.block_m * lds
     return tiles * elem_bytes + 8 * t.stages * t.block_m
+
+
+def bwd_sm90_smem(t: Tiles, head_dim: int) -> int:
+    """Hopper dK/dV kernel (BwdSm90): K, V, two stages of Q and dO, dSᵀ (16-bit, head dim
+    padded to whole 128-byte swizzle rows), two stages of lse and Dsum rows, 1 KB to align
+    the swizzle atoms."""
+    d64 = -(-head_dim // 64) * 64
+    return (2 * t.block_n * d64 + 4 * t.block_m * d64 + t.block_n * t.block_m) * 2 + 16 * t.block_m + 1024
 
 
 def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
@@ -128,6 +137,28 @@ _SM90_FWD_TABLE = (
     (128, Tiles(128, 128, 8, wgmma=True, overlap=True), "d<=128: 128-key tiles, P·V overlapped with the next softmax: 404 vs 378 TFLOP/s without (causal 358 vs 336)"),
     (256, Tiles(128, 64, 8, wgmma=True, overlap=True), "d<=256: 64-key tiles, 198 KB: 443 vs 351 TFLOP/s with 32-key tiles (causal 385 vs 299)"),
 )
+# Short or causal problems at d<=64 (rule in _short_forward): one warpgroup per block, two
+# blocks per SM, overlapped. Its prologue and tail overlap the other block's work, and
+# 64-row tiles waste no rows at 1k (192-row tiles compute 1152). Measured ratio to
+# FlashAttention-2 (bf16, 16k tokens), 192 x 128 x 12 vs this: 1k 0.84 vs 0.89, causal
+# 0.75 vs 0.90; causal 4k 0.93 vs 0.94; non-causal 2k 0.98 vs 0.95, 16k 1.07 vs 0.96.
+_SM90_FWD_SHORT = (
+    (64, Tiles(64, 128, 4, min_blocks=2, wgmma=True, overlap=True), "d<=64, seqlen_q<=1k or causal up to 4k: 2 blocks/SM, 75 KB"),
+)
+
+
+def _short_forward(seqlen_q: int | None, causal: bool) -> bool:
+    return seqlen_q is not None and (seqlen_q <= 1024 or (causal and seqlen_q <= 4096))
+
+
+# Hopper backward dK/dV kernel (16-bit, no score modifiers; flash_bwd_sm90.cu): block_n =
+# 64 keys per warpgroup, block_m = the query tile; the preprocess and dQ kernels stay the
+# portable ones. dQ is split over the warpgroups by query rows (block_m = 128) or by
+# head-dim columns (block_m = 64). Measured on H200, bf16, 16k tokens (benchmarks/NOTES.md v8).
+_SM90_BWD_TABLE = (
+    (64, Tiles(128, 128, 8, 2, wgmma=True), "d<=64: 128-query tiles, dQ split by rows, 134 KB: 284 TFLOP/s at 4k vs 184 on mma.sync; one warpgroup per block (2 blocks/SM) 197"),
+    (128, Tiles(64, 128, 8, 2, wgmma=True), "d<=128: 64-query tiles (Sᵀ, dPᵀ 32 registers each beside dK, dV 64 each), dQ split by columns, 150 KB: 293 vs 248; one warpgroup per block 266"),
+)
 WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
 WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
 
@@ -177,26 +208,41 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, gene
     )
 
 
-def _sm90_forward_tiles(dtype: np.dtype, bucket: int, smem_limit: int) -> Tiles | None:
-    forced = OVERRIDES.get(("fwd_sm90", False, bucket))
-    if forced is not None and fwd_smem(forced, bucket, 2) <= smem_limit:
+def _sm90_tiles(kernel: str, bucket: int, smem_limit: int, short: bool = False) -> Tiles | None:
+    table, smem = {"fwd_sm90": (_SM90_FWD_TABLE, lambda t, d: fwd_smem(t, d, 2)),
+                   "bwd_sm90": (_SM90_BWD_TABLE, bwd_sm90_smem)}[kernel]
+    forced = OVERRIDES.get((kernel, False, bucket))
+    if forced is not None and smem(forced, bucket) <= smem_limit:
         return forced
-    for max_d, tiles, _reason in _SM90_FWD_TABLE:
-        if bucket <= max_d and fwd_smem(tiles, bucket, 2) <= smem_limit:
+    if short:
+        table = _SM90_FWD_SHORT + table
+    for max_d, tiles, _reason in table:
+        if bucket <= max_d and smem(tiles, bucket) <= smem_limit:
             return tiles
     return None
 
 
+def _wgmma_applies(arch: str | None, general: bool, elem_bytes: int) -> bool:
+    return WGMMA_ENABLED and arch in WGMMA_ARCHES and not general and elem_bytes == 2
+
+
 def forward_variant(
-    dtype: np.dtype, head_dim: int, general: bool, smem_limit: int, arch: str | None = None
+    dtype: np.dtype,
+    head_dim: int,
+    general: bool,
+    smem_limit: int,
+    arch: str | None = None,
+    seqlen_q: int | None = None,
+    causal: bool = False,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
-    score modifiers get the warpgroup MMA kernel; arch=None plans the portable one."""
+    score modifiers get the warpgroup MMA kernel (its tiles also depend on seqlen_q and
+    causal); arch=None plans the portable one."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
-    if WGMMA_ENABLED and arch in WGMMA_ARCHES and not general and elem == 2:
-        t = _sm90_forward_tiles(dtype, bucket, smem_limit)
+    if _wgmma_applies(arch, general, elem):
+        t = _sm90_tiles("fwd_sm90", bucket, smem_limit, _short_forward(seqlen_q, causal))
         if t is not None:
             defines = (
                 ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
@@ -230,9 +276,17 @@ class BackwardPlan:
     dq: Tiles
     dq_smem: int
     head_dim_padded: int
+    # Hopper: the module of cuflash_bwd_dkdv (warpgroup MMA) when it is not `variant`'s;
+    # `dkdv` and `dkdv_smem` then describe it. The other kernels come from `variant`.
+    dkdv_variant: Variant | None = None
 
 
-def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: int) -> BackwardPlan:
+def backward_variant(
+    dtype: np.dtype, head_dim: int, general: bool, smem_limit: int, arch: str | None = None
+) -> BackwardPlan:
+    """The backward kernels for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
+    bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
+    score modifiers get the warpgroup MMA dK/dV kernel; arch=None plans the portable one."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
     t = tiles_for("bwd", dtype, head_dim, smem_limit, general)
@@ -250,9 +304,20 @@ def backward_variant(dtype: np.dtype, head_dim: int, general: bool, smem_limit: 
         ("CF_DQ_BLOCK_N", tq.block_n),
         ("CF_DQ_WARPS", tq.warps),
     )
-    return BackwardPlan(
-        Variant("flash_bwd.cu", defines), t, bwd_smem(t, bucket, elem), tq, dq_smem(tq, bucket, elem), bucket
-    )
+    portable = Variant("flash_bwd.cu", defines)
+    tw = _sm90_tiles("bwd_sm90", bucket, smem_limit) if _wgmma_applies(arch, general, elem) else None
+    if tw is not None:
+        hopper = (
+            ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
+            ("CF_HEAD_DIM", bucket),
+            ("CF_BWD_BLOCK_M", tw.block_m),
+            ("CF_BWD_BLOCK_N", tw.block_n),
+            ("CF_BWD_WARPS", tw.warps),
+            ("CF_BWD_MIN_BLOCKS", tw.min_blocks),
+        )
+        return BackwardPlan(portable, tw, bwd_sm90_smem(tw, bucket), tq, dq_smem(tq, bucket, elem), bucket,
+                            Variant("flash_bwd_sm90.cu", hopper, arch_suffix="a"))
+    return BackwardPlan(portable, t, bwd_smem(t, bucket, elem), tq, dq_smem(tq, bucket, elem), bucket)
 
 
 def shipped_variants(arch: str) -> list[Variant]:
@@ -264,11 +329,16 @@ def shipped_variants(arch: str) -> list[Variant]:
             for general in (False, True):
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
                 if arch in WGMMA_ARCHES:
-                    wg = forward_variant(dtype, bucket, general, limit, arch)[0]
-                    if wg.arch_suffix:
-                        out.append(wg)
+                    for seqlen_q in (None, 1):  # long and short problems
+                        wg = forward_variant(dtype, bucket, general, limit, arch, seqlen_q)[0]
+                        if wg.arch_suffix and wg not in out:
+                            out.append(wg)
                 try:
                     out.append(backward_variant(dtype, bucket, general, limit).variant)
                 except UnsupportedConfig:
-                    pass
+                    continue
+                if arch in WGMMA_ARCHES:
+                    hopper = backward_variant(dtype, bucket, general, limit, arch).dkdv_variant
+                    if hopper is not None:
+                        out.append(hopper)
     return out

@@ -1,0 +1,69 @@
+// The backward's dK/dV work unit, shared by the portable and the Hopper kernels: a block
+// owns a tile of keys of one (batch, kv head) and walks every query head of the kv group
+// times the query tiles that can see those keys, flattened into one sequence.
+#pragma once
+#include "common.cuh"
+#include "mask.cuh"
+
+// Offset of row 0's entry in the row workspaces (lse_log2, dsum, the dQ accumulator's
+// rows) for (batch b, head h).
+CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
+    return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
+}
+
+// One step of the walk: query head h, rows [m0, m0 + rows_q), workspace offset of row m0.
+struct QueryTile {
+    int h, m0, rows_q;
+    i64 ws;
+};
+
+template <typename T>
+struct KeyTileWalk {
+    const Params& p;
+    const SeqInfo& seq;
+    int b, hk, group, block_m, m_lo, per_head, iterations;
+
+    CF_DEVICE KeyTileWalk(const Params& p_, const SeqInfo& seq_, const IndexMask& index_mask, int b_, int hk_, int n0,
+                          int block_n, int block_m_)
+        : p(p_), seq(seq_), b(b_), hk(hk_), group(p_.num_heads / p_.num_heads_kv), block_m(block_m_) {
+        int m_hi;
+        index_mask.query_blocks(n0, block_n, block_m, m_lo, m_hi);
+        per_head = max(m_hi - m_lo, 0);
+        iterations = group * per_head;
+    }
+
+    CF_DEVICE QueryTile at(int it) const {
+        QueryTile t;
+        t.h = hk * group + it / per_head;
+        t.m0 = (m_lo + it % per_head) * block_m;
+        t.rows_q = min(block_m, seq.seqlen_q - t.m0);
+        t.ws = ws_offset(p, seq, b, t.h) + t.m0;
+        return t;
+    }
+
+    // First rows of the tiles in global memory.
+    CF_DEVICE const T* q(const QueryTile& t) const {
+        return static_cast<const T*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, t.h) +
+               (i64)t.m0 * p.q_row_stride;
+    }
+    CF_DEVICE const T* dout(const QueryTile& t) const {
+        return static_cast<const T*>(p.dout) + seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, t.h) +
+               (i64)t.m0 * p.do_row_stride;
+    }
+    CF_DEVICE const T* k(int n0) const {
+        return static_cast<const T*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, hk) +
+               (i64)n0 * p.k_row_stride;
+    }
+    CF_DEVICE const T* v(int n0) const {
+        return static_cast<const T*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, hk) +
+               (i64)n0 * p.v_row_stride;
+    }
+    CF_DEVICE T* dk(int n0) const {
+        return static_cast<T*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, hk) +
+               (i64)n0 * p.dk_row_stride;
+    }
+    CF_DEVICE T* dv(int n0) const {
+        return static_cast<T*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, hk) +
+               (i64)n0 * p.dv_row_stride;
+    }
+};
