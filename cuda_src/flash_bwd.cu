@@ -104,7 +104,8 @@ struct GradElem {
 
 // ---- preprocess --------------------------------------------------------------------------
 
-// 16 bytes of two rows, elementwise product summed (8 16-bit or 4 fp32 elements).
+// 16 bytes of two rows, elementwise product summed in element order (8 16-bit or 4 fp32
+// elements).
 template <typename T>
 CF_DEVICE float dot16(const uint4& a, const uint4& b) {
     const u32 x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
@@ -164,13 +165,21 @@ CF_DEVICE void bwd_prep(const Params& p) {
                 for (int c = 0; c < kChunkSteps; ++c) sum[j] += dot16<T>(x[j][c], y[j][c]);
             }
         } else {
+            // Element loads, summed in the vector path's order (bit-identical Dsum for the
+            // same values in memory of any alignment).
 #pragma unroll
             for (int j = 0; j < kBatch; ++j) {
                 const int i = row_block * kRows + r0 + j;
                 sum[j] = 0.f;
-                if (i < seq.seqlen_q)
-                    for (int d = lane; d < p.head_dim; d += 32)
-                        sum[j] += to_float(dout[(i64)i * p.do_row_stride + d]) * to_float(out[(i64)i * p.o_row_stride + d]);
+#pragma unroll
+                for (int c = 0; c < kChunkSteps; ++c) {
+                    const int d0 = (lane + 32 * c) * kVec;
+                    float part = 0.f;
+                    if (i < seq.seqlen_q)
+                        for (int d = d0; d < min(d0 + kVec, p.head_dim); ++d)
+                            part += to_float(dout[(i64)i * p.do_row_stride + d]) * to_float(out[(i64)i * p.o_row_stride + d]);
+                    sum[j] += part;
+                }
             }
         }
 #pragma unroll

@@ -235,8 +235,7 @@ struct FwdSm90 {
         }
     }
 
-    // Dynamic shared memory the host must provide (cuflash/_tiles.py computes the same).
-    static constexpr int kSmemBytes = (int)(kQBytes + 4 * kKVBytes) + 1024;
+    // The host provides kQBytes + 4 kKVBytes + 1 KB of dynamic shared memory (_tiles.fwd_smem).
     static_assert(kBlockM * kLdO * 2 <= (int)(kQBytes + 4 * kKVBytes), "O staging fits in the tiles");
 };
 

@@ -59,7 +59,7 @@ class Tiles:
 def fwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
     if t.wgmma:
         # Q and two stages of K and V, head dim padded to whole 128-byte swizzle rows, plus
-        # 1 KB to align the swizzle atoms (FwdSm90::kSmemBytes).
+        # 1 KB to align the swizzle atoms (FwdSm90 assumes the same).
         d64 = -(-head_dim // 64) * 64
         return (t.block_m + 4 * t.block_n) * d64 * elem_bytes + 1024
     return (t.block_m + 2 * t.block_n) * (head_dim + _PAD) * elem_bytes
