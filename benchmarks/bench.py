@@ -934,6 +934,9 @@ def prebuild(plan: Plan) -> dict:
 # ---- environment ----------------------------------------------------------------------------
 
 
+COMMIT: str | None = None  # set by --commit
+
+
 def environment() -> dict:
     import importlib.metadata as md
     import platform
@@ -948,11 +951,14 @@ def environment() -> dict:
             env[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = None
+    if COMMIT:  # --commit: the copy being measured may carry stale git metadata
+        env["git_commit"] = COMMIT
+    else:
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True,
+                                               text=True, timeout=10).stdout.strip() or None
+        except Exception:  # noqa: BLE001
+            env["git_commit"] = None
     if DEV != "cuda":
         env["gpu"] = "none (CPU self-test: cuflash runs its float64 host path)"
         return env
@@ -1436,9 +1442,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip (and list) the points left after this many seconds (default 420; 0: none)")
     ap.add_argument("--no-prebuild", action="store_true", help="compile kernels on first use, not in parallel upfront")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--commit", help="the commit being measured, recorded as git_commit (default: git rev-parse HEAD)")
     ap.add_argument("--selftest", action="store_true", help="no GPU: reports on synthetic rows, then every section "
                                                             "at toy sizes on the CPU")
     args = ap.parse_args(argv)
+    global COMMIT
+    COMMIT = args.commit
     if args.selftest:
         return selftest()
     plan = make_plan(args)
