@@ -11,6 +11,36 @@ CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
     return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
 }
 
+// The key tile of a dK/dV block: key tiles first, then (batch, kv head).
+struct KeyBlock {
+    int b, hk, n0;
+
+    CF_DEVICE KeyBlock(const Params& p, int block_n) {
+        const i64 linear = blockIdx.x;
+        const int bhk = (int)(linear / p.num_n_blocks);
+        b = bhk / p.num_heads_kv;
+        hk = bhk % p.num_heads_kv;
+        n0 = (int)(linear % p.num_n_blocks) * block_n;
+    }
+};
+
+// Adds a warp's m16n8 accumulator rows of dQ (rows row0 and row0 + 8, column pairs
+// col0 + 8j) into the fp32 dQ accumulator at workspace offset ws, rows below rows_q only.
+// kPadded: columns from kHeadDim on are head-dim padding and are skipped.
+template <int kHeadDim, bool kPadded, int NJ>
+CF_DEVICE void add_dq_rows(const Params& p, i64 ws, int row0, int rows_q, int col0, const float (&acc)[NJ][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row < rows_q) {
+            float* dst = p.dq_accum + (ws + row) * kHeadDim + col0;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                if (!kPadded || col0 + 8 * j < kHeadDim) atomic_add2(dst + 8 * j, acc[j][2 * r], acc[j][2 * r + 1]);
+        }
+    }
+}
+
 // One step of the walk: query head h, rows [m0, m0 + rows_q), workspace offset of row m0.
 struct QueryTile {
     int h, m0, rows_q;

@@ -236,12 +236,9 @@ struct BwdKernel {
     static CF_DEVICE void run(const Params& p, char* smem) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int g = lane >> 2, t = lane & 3;
-        const i64 linear = blockIdx.x;
-        const int n_block = (int)(linear % p.num_n_blocks);
-        const int bhk = (int)(linear / p.num_n_blocks);
-        const int b = bhk / p.num_heads_kv, hk = bhk % p.num_heads_kv;
+        const KeyBlock blk(p, kBlockN);
+        const int b = blk.b, hk = blk.hk, n0 = blk.n0;
         const SeqInfo seq(p, b);
-        const int n0 = n_block * kBlockN;
         if (n0 >= seq.seqlen_k) return;
         const int rows_k = min(kBlockN, seq.seqlen_k - n0);
         const IndexMask index_mask(p, seq);
@@ -427,19 +424,9 @@ struct BwdKernel {
                         }
                     }
                 }
-                const i64 ws = qt.ws;
 #pragma unroll
                 for (int mt = 0; mt < kMTq; ++mt)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int row = q_r0 + mt * 16 + g + 8 * r;
-                        if (row < rows_q) {
-                            float* acc = p.dq_accum + (ws + row) * kHeadDim + q_d0 + 2 * t;
-#pragma unroll
-                            for (int dt = 0; dt < kDTq; ++dt)
-                                atomic_add2(acc + dt * 8, acc_dq[mt][dt][2 * r], acc_dq[mt][dt][2 * r + 1]);
-                        }
-                    }
+                    add_dq_rows<kHeadDim, false>(p, qt.ws, q_r0 + mt * 16 + g, rows_q, q_d0 + 2 * t, acc_dq[mt]);
             }
         }
 
@@ -472,14 +459,10 @@ struct DqKernel {
     static CF_DEVICE void run(const Params& p, char* smem) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int g = lane >> 2, t = lane & 3;
-        const i64 linear = blockIdx.x;
-        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
-        const int bh = (int)(linear / p.num_m_blocks);
-        const int b = bh / p.num_heads, h = bh % p.num_heads;
+        const QueryBlock blk(p, kBlockM);
+        const int bh = blk.bh, b = blk.b, h = blk.h, hk = blk.hk, m0 = blk.m0;
         const SeqInfo seq(p, b);
-        const int m0 = m_block * kBlockM;
         if (m0 >= seq.seqlen_q) return;
-        const int hk = h / (p.num_heads / p.num_heads_kv);
         const int rows_q = min(kBlockM, seq.seqlen_q - m0);
         const IndexMask index_mask(p, seq);
         const ScoreMods mods(p, seq, b, h);

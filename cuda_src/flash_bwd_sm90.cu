@@ -74,12 +74,9 @@ struct BwdSm90 {
     static CF_DEVICE void run(const Params& p, char* smem_raw) {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
-        const i64 linear = blockIdx.x;
-        const int n_block = (int)(linear % p.num_n_blocks);
-        const int bhk = (int)(linear / p.num_n_blocks);
-        const int b = bhk / p.num_heads_kv, hk = bhk % p.num_heads_kv;
+        const KeyBlock blk(p, kBlockN);
+        const int b = blk.b, hk = blk.hk, n0 = blk.n0;
         const SeqInfo seq(p, b);
-        const int n0 = n_block * kBlockN;
         if (n0 >= seq.seqlen_k) return;
         const int rows_k = min(kBlockN, seq.seqlen_k - n0);
         const IndexMask index_mask(p, seq);
@@ -134,21 +131,7 @@ struct BwdSm90 {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.f;
 
-        // dQ of one tile into the fp32 accumulator (rows below rows_q only).
         float acc_dq[kNdq / 8][4];
-        auto flush_dq = [&](i64 ws, int rows_q) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = dq_m0 + (warp & 3) * 16 + g + 8 * r;
-                if (row < rows_q) {
-                    float* acc = p.dq_accum + (ws + row) * kHeadDim + dq_d0 + 2 * t;
-#pragma unroll
-                    for (int j = 0; j < kNdq / 8; ++j)
-                        if (kD == kHeadDim || dq_d0 + 8 * j + 2 * t < kHeadDim)
-                            atomic_add2(acc + 8 * j, acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
-                }
-            }
-        };
         const bool atomic = p.flags & CF_DQ_ATOMIC;
 
         for (int it = 0; it < iterations; ++it) {
@@ -263,7 +246,7 @@ struct BwdSm90 {
             wgmma_commit();
             wgmma_wait<1>();  // dV and dQ done, dK in flight
             pin(acc_dq);
-            flush_dq(qt.ws, qt.rows_q);
+            add_dq_rows<kHeadDim, kD != kHeadDim>(p, qt.ws, dq_m0 + (warp & 3) * 16 + g, qt.rows_q, dq_d0 + 2 * t, acc_dq);
             wgmma_wait_all();
             pin(acc_dv);
             pin(acc_dk);

@@ -43,15 +43,10 @@ struct FwdKernel {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int g = lane >> 2, t = lane & 3;
 
-        // Heaviest query blocks (the last ones, under causal masking) start first.
-        const i64 linear = blockIdx.x;
-        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
-        const int bh = (int)(linear / p.num_m_blocks);
-        const int b = bh / p.num_heads, h = bh % p.num_heads;
+        const QueryBlock blk(p, kBlockM);
+        const int bh = blk.bh, b = blk.b, h = blk.h, hk = blk.hk, m0 = blk.m0;
         const SeqInfo seq(p, b);
-        const int m0 = m_block * kBlockM;
         if (m0 >= seq.seqlen_q) return;  // a shorter sequence of a packed batch
-        const int hk = h / (p.num_heads / p.num_heads_kv);
         const IndexMask index_mask(p, seq);
 
         T* sQ = reinterpret_cast<T*>(smem);

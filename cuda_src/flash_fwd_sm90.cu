@@ -37,14 +37,10 @@ struct FwdSm90 {
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
         const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
 
-        const i64 linear = blockIdx.x;
-        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
-        const int bh = (int)(linear / p.num_m_blocks);
-        const int b = bh / p.num_heads, h = bh % p.num_heads;
+        const QueryBlock blk(p, kBlockM);
+        const int b = blk.b, h = blk.h, hk = blk.hk, m0 = blk.m0;
         const SeqInfo seq(p, b);
-        const int m0 = m_block * kBlockM;
         if (m0 >= seq.seqlen_q) return;
-        const int hk = h / (p.num_heads / p.num_heads_kv);
         const IndexMask index_mask(p, seq);
 
         // Swizzle atoms are 1024 bytes; the host adds 1 KB so the tiles can be aligned.
@@ -209,13 +205,7 @@ struct FwdSm90 {
         // product once the barrier passes), store.
         float inv_sum[2], lse[2];
         softmax.finish(inv_sum, lse);
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-            acc_o[dt][0] *= inv_sum[0];
-            acc_o[dt][1] *= inv_sum[0];
-            acc_o[dt][2] *= inv_sum[1];
-            acc_o[dt][3] *= inv_sum[1];
-        }
+        OnlineSoftmax<kNT>::rescale(acc_o, inv_sum);
         cp_async_wait<0>();
         __syncthreads();
         T* staging = reinterpret_cast<T*>(smem);

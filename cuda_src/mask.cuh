@@ -40,6 +40,23 @@ struct SeqInfo {
     }
 };
 
+// The query tile of a block of the forward and the deterministic dQ kernels: blocks walk
+// the query tiles from the last (the heaviest under causal masking, so they start first),
+// then (batch, head).
+struct QueryBlock {
+    int bh, b, h, hk, m0;
+
+    CF_DEVICE QueryBlock(const Params& p, int block_m) {
+        const i64 linear = blockIdx.x;
+        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
+        bh = (int)(linear / p.num_m_blocks);
+        b = bh / p.num_heads;
+        h = bh % p.num_heads;
+        hk = h / (p.num_heads / p.num_heads_kv);
+        m0 = m_block * block_m;
+    }
+};
+
 // Causal and sliding-window limits. left/right < 0 mean unbounded; the host folds
 // `causal` into right = 0.
 struct IndexMask {

@@ -208,9 +208,16 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, gene
     )
 
 
+def _sm90_fwd_smem(t: Tiles, head_dim: int) -> int:
+    return fwd_smem(t, head_dim, 2)
+
+
+# Hopper kernel -> (its table, its shared memory per block).
+_SM90_TABLES = {"fwd_sm90": (_SM90_FWD_TABLE, _sm90_fwd_smem), "bwd_sm90": (_SM90_BWD_TABLE, bwd_sm90_smem)}
+
+
 def _sm90_tiles(kernel: str, bucket: int, smem_limit: int, short: bool = False) -> Tiles | None:
-    table, smem = {"fwd_sm90": (_SM90_FWD_TABLE, lambda t, d: fwd_smem(t, d, 2)),
-                   "bwd_sm90": (_SM90_BWD_TABLE, bwd_sm90_smem)}[kernel]
+    table, smem = _SM90_TABLES[kernel]
     forced = OVERRIDES.get((kernel, False, bucket))
     if forced is not None and smem(forced, bucket) <= smem_limit:
         return forced
