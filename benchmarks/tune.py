@@ -27,12 +27,14 @@ CANDIDATES = {
     # Hopper forward (warpgroup MMA): block_m = 64 x warpgroups, warps = 4 x warpgroups;
     # overlap = P·V of one key tile during the softmax of the next.
     ("fwd_sm90", 64): [T(192, 128, 12, **W), T(128, 128, 8, **O), T(192, 128, 12, **O), T(64, 128, 4, min_blocks=2, **W),
-                       T(64, 128, 4, min_blocks=2, **O)],
+                       T(64, 128, 4, min_blocks=2, **O), T(64, 128, 4, min_blocks=3, **W)],
     ("fwd_sm90", 128): [T(128, 128, 8, **W), T(128, 128, 8, **O), T(128, 64, 8, **O), T(192, 64, 12, **O)],
     ("fwd_sm90", 256): [T(128, 64, 8, **W), T(128, 64, 8, **O), T(128, 32, 8, **O)],
-    # Hopper backward dK/dV: block_n = 64 x warpgroups, block_m = the query tile.
+    # Hopper backward dK/dV: block_n = 64 x key groups, block_m = the query tile.
     ("bwd_sm90", 64): [T(128, 128, 8, 2, **W), T(64, 64, 4, 2, min_blocks=2, **W)],
     ("bwd_sm90", 128): [T(64, 128, 8, 2, **W), T(64, 64, 4, 2, min_blocks=2, **W)],
+    # d=256: two warpgroups per 64 keys, splitting the head dim (the only shape that fits).
+    ("bwd_sm90", 256): [T(64, 64, 8, 2, **W)],
 }
 
 

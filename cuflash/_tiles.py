@@ -71,12 +71,18 @@ def bwd_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
     return tiles * elem_bytes + 8 * t.stages * t.block_m
 
 
+def bwd_sm90_split(t: Tiles) -> int:
+    """Warpgroups per 64-key group of the Hopper dK/dV kernel (BwdSm90::kSplit)."""
+    return t.warps // 4 // (t.block_n // 64)
+
+
 def bwd_sm90_smem(t: Tiles, head_dim: int) -> int:
-    """Hopper dK/dV kernel (BwdSm90): K, V, two stages of Q and dO, dSᵀ (16-bit, head dim
-    padded to whole 128-byte swizzle rows), two stages of lse and Dsum rows, 1 KB to align
-    the swizzle atoms."""
+    """Hopper dK/dV kernel (BwdSm90): K, V, two stages of Q and dO, dSᵀ and, split, Pᵀ
+    (16-bit, head dim padded to whole 128-byte swizzle rows), two stages of lse and Dsum
+    rows, 1 KB to align the swizzle atoms."""
     d64 = -(-head_dim // 64) * 64
-    return (2 * t.block_n * d64 + 4 * t.block_m * d64 + t.block_n * t.block_m) * 2 + 16 * t.block_m + 1024
+    transposed = (1 + (bwd_sm90_split(t) > 1)) * t.block_n * t.block_m
+    return (2 * t.block_n * d64 + 4 * t.block_m * d64 + transposed) * 2 + 16 * t.block_m + 1024
 
 
 def dq_smem(t: Tiles, head_dim: int, elem_bytes: int) -> int:
@@ -137,18 +143,21 @@ _SM90_FWD_TABLE = (
     (128, Tiles(128, 128, 8, wgmma=True, overlap=True), "d<=128: 128-key tiles, P·V overlapped with the next softmax: 404 vs 378 TFLOP/s without (causal 358 vs 336)"),
     (256, Tiles(128, 64, 8, wgmma=True, overlap=True), "d<=256: 64-key tiles, 198 KB: 443 vs 351 TFLOP/s with 32-key tiles (causal 385 vs 299)"),
 )
-# Short or causal problems at d<=64 (rule in _short_forward): one warpgroup per block, two
-# blocks per SM, overlapped. Its prologue and tail overlap the other block's work, and
-# 64-row tiles waste no rows at 1k (192-row tiles compute 1152). Measured ratio to
-# FlashAttention-2 (bf16, 16k tokens), 192 x 128 x 12 vs this: 1k 0.84 vs 0.89, causal
-# 0.75 vs 0.90; causal 4k 0.93 vs 0.94; non-causal 2k 0.98 vs 0.95, 16k 1.07 vs 0.96.
+# Short or causal problems at d<=64 (rule in _short_forward): one warpgroup per block,
+# three blocks per SM (156 registers, 3 x 74 KB). Independent blocks interleave their
+# products and softmaxes with no block-wide barrier between them, and 64-row tiles waste
+# no rows at 1k (192-row tiles compute 1152). Measured ratio to FlashAttention-2 (H100,
+# bf16, 16k tokens), 192 x 128 x 12 vs this: 1k 0.83 vs 0.95, 2k 0.95 vs 0.97, causal 2k
+# 0.86 vs 0.95, causal 4k 0.90 vs 0.97; 4k 1.01 vs 0.97, causal 8k 0.97 vs 0.95, 16k 1.08
+# vs 1.00 (there 64-row tiles read K and V three times as often). Two blocks per SM with
+# P·V overlapped (226 registers) reached 0.91-0.96; overlapped at three blocks it spills.
 _SM90_FWD_SHORT = (
-    (64, Tiles(64, 128, 4, min_blocks=2, wgmma=True, overlap=True), "d<=64, seqlen_q<=1k or causal up to 4k: 2 blocks/SM, 75 KB"),
+    (64, Tiles(64, 128, 4, min_blocks=3, wgmma=True), "d<=64, seqlen_q<=2k or causal up to 4k: 3 blocks/SM, 74 KB each"),
 )
 
 
 def _short_forward(seqlen_q: int | None, causal: bool) -> bool:
-    return seqlen_q is not None and (seqlen_q <= 1024 or (causal and seqlen_q <= 4096))
+    return seqlen_q is not None and (seqlen_q <= 2048 or (causal and seqlen_q <= 4096))
 
 
 # Hopper backward dK/dV kernel (16-bit, no score modifiers; flash_bwd_sm90.cu): block_n =
@@ -158,6 +167,7 @@ def _short_forward(seqlen_q: int | None, causal: bool) -> bool:
 _SM90_BWD_TABLE = (
     (64, Tiles(128, 128, 8, 2, wgmma=True), "d<=64: 128-query tiles, dQ split by rows, 134 KB: 284 TFLOP/s at 4k vs 184 on mma.sync; one warpgroup per block (2 blocks/SM) 197"),
     (128, Tiles(64, 128, 8, 2, wgmma=True), "d<=128: 64-query tiles (Sᵀ, dPᵀ 32 registers each beside dK, dV 64 each), dQ split by columns, 150 KB: 293 vs 248; one warpgroup per block 266"),
+    (256, Tiles(64, 64, 8, 2, wgmma=True), "d=224, 256: two warpgroups per 64 keys split dK, dV, dQ by head-dim halves (64 registers each) and Sᵀ, dPᵀ by query halves; Pᵀ, dSᵀ through shared memory, 210 KB"),
 )
 WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
 WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
@@ -224,9 +234,17 @@ def _sm90_tiles(kernel: str, bucket: int, smem_limit: int, short: bool = False) 
     if short:
         table = _SM90_FWD_SHORT + table
     for max_d, tiles, _reason in table:
-        if bucket <= max_d and smem(tiles, bucket) <= smem_limit:
+        if bucket <= max_d and smem(tiles, bucket) <= smem_limit and _sm90_shapes_fit(kernel, tiles, bucket):
             return tiles
     return None
+
+
+def _sm90_shapes_fit(kernel: str, t: Tiles, bucket: int) -> bool:
+    """The split Hopper backward needs whole 128-column halves of the padded head dim (its
+    wgmma_ss_bt shape): d=160 and 192 (padded to 192) stay on the portable kernel."""
+    if kernel != "bwd_sm90" or bwd_sm90_split(t) == 1:
+        return True
+    return -(-bucket // 64) * 64 == 128 * bwd_sm90_split(t)
 
 
 def _wgmma_applies(arch: str | None, general: bool, elem_bytes: int) -> bool:

@@ -17,10 +17,11 @@ HEADER = Path(__file__).resolve().parent.parent / "cuda_src" / "wgmma.cuh"
 SS_N = (32, 64, 128)  # S = Q K^T: N = key tile
 RS_N = (64, 128, 192, 256)  # O += P V, dV += Pᵀ dO, dK += dSᵀ Q: N = head dim (padded to 64)
 SS_T_N = (64, 128)  # dQ = dS K: N = the head-dim columns one warpgroup owns
+SS_BT_N = (128,)  # d=256 backward: dV += Pᵀ dO, dK += dSᵀ Q with Pᵀ, dSᵀ in shared memory
 TYPES = (("half_t", "f16"), ("bf16_t", "bf16"))
 
 
-def _wrapper(ctype: str, ptx_type: str, n: int, rs: bool, mn_major: bool = False) -> str:
+def _wrapper(ctype: str, ptx_type: str, n: int, rs: bool, mn_major: bool = False, b_mn_major: bool = False) -> str:
     nacc = n // 2  # fp32 accumulators per thread: 64 x n / 128 threads
     acc = ", ".join(f"%{i}" for i in range(nacc))
     outs = ",\n          ".join(", ".join(f'"+f"(d[{j}][{e}])' for e in range(4)) for j in range(n // 8))
@@ -36,10 +37,10 @@ def _wrapper(ctype: str, ptx_type: str, n: int, rs: bool, mn_major: bool = False
         a_ops = f"%{nacc}"
         b_op = f"%{nacc + 1}"
         ins = '"l"(desc_a), "l"(desc_b)'
-        # scale-d, scale-a, scale-b, then A and B K-major (0) or both MN-major (1)
-        tail = "1, 1, 1, 1, 1" if mn_major else "1, 1, 1, 0, 0"
+        # scale-d, scale-a, scale-b, then A and B each K-major (0) or MN-major (1)
+        tail = "1, 1, 1, 1, 1" if mn_major else "1, 1, 1, 0, 1" if b_mn_major else "1, 1, 1, 0, 0"
         sig = f"float (&d)[{n // 8}][4], u64 desc_a, u64 desc_b"
-        name = "wgmma_ss_t" if mn_major else "wgmma_ss"
+        name = "wgmma_ss_t" if mn_major else "wgmma_ss_bt" if b_mn_major else "wgmma_ss"
     return (
         f"template <>\nCF_DEVICE void {name}<{ctype}, {n}>({sig}) {{\n"
         f"    asm volatile(\n"
@@ -60,8 +61,8 @@ def render() -> str:
         "// d[j][0..1] = row g, cols 8j + 2t + {0, 1};  d[j][2..3] = row g + 8, same cols\n"
         "// (warp w of the warpgroup owns rows 16w..16w+15). wgmma_ss reads A and B from shared\n"
         "// memory through descriptors, both K-major; wgmma_ss_t reads both MN-major\n"
-        "// (transposed); wgmma_rs takes A from registers in mma.m16n8k16's A layout and B\n"
-        "// MN-major from shared memory.\n"
+        "// (transposed); wgmma_ss_bt reads A K-major and B MN-major; wgmma_rs takes A from\n"
+        "// registers in mma.m16n8k16's A layout and B MN-major from shared memory.\n"
         "#pragma once\n"
         '#include "common.cuh"\n\n'
         "template <typename T, int N>\n"
@@ -69,7 +70,9 @@ def render() -> str:
         "template <typename T, int N>\n"
         "CF_DEVICE void wgmma_rs(float (&d)[N / 8][4], const u32 (&a)[4], u64 desc_b);\n"
         "template <typename T, int N>\n"
-        "CF_DEVICE void wgmma_ss_t(float (&d)[N / 8][4], u64 desc_a, u64 desc_b);\n\n"
+        "CF_DEVICE void wgmma_ss_t(float (&d)[N / 8][4], u64 desc_a, u64 desc_b);\n"
+        "template <typename T, int N>\n"
+        "CF_DEVICE void wgmma_ss_bt(float (&d)[N / 8][4], u64 desc_a, u64 desc_b);\n\n"
     ]
     for ctype, ptx in TYPES:
         for n in SS_N:
@@ -78,6 +81,8 @@ def render() -> str:
             parts.append(_wrapper(ctype, ptx, n, rs=True) + "\n")
         for n in SS_T_N:
             parts.append(_wrapper(ctype, ptx, n, rs=False, mn_major=True) + "\n")
+        for n in SS_BT_N:
+            parts.append(_wrapper(ctype, ptx, n, rs=False, b_mn_major=True) + "\n")
     return "".join(parts).rstrip() + "\n"
 
 

@@ -176,10 +176,10 @@ def test_hopper_forward_table_fits_and_is_chosen_only_where_it_runs():
                     assert tiles.block_m == 16 * tiles.warps and tiles.warps % 4 == 0
                     assert "--gpu-architecture=sm_90a" in _build.options_for(variant, "sm_90")
                     # short or causal problems may take other tiles, never another kernel
-                    for seqlen_q, causal in ((512, False), (1024, False), (4096, True), (8192, True), (2048, False)):
+                    for seqlen_q, causal in ((512, False), (1024, False), (4096, True), (8192, True), (2048, False), (2049, False)):
                         v2, t2, smem2 = _tiles.forward_variant(dtype, bucket, general, limit, "sm_90", seqlen_q, causal)
                         assert v2.kernel_file == "flash_fwd_sm90.cu" and t2.wgmma and smem2 * t2.min_blocks <= limit
-                        short = seqlen_q <= 1024 or (causal and seqlen_q <= 4096)
+                        short = seqlen_q <= 2048 or (causal and seqlen_q <= 4096)
                         assert (t2 != tiles) == (short and bucket <= 64)
     for arch in ("sm_80", "sm_86", "sm_89"):
         assert _tiles.forward_variant(np.dtype(np.float16), 128, False, _tiles.SMEM_LIMIT[arch], arch)[0].kernel_file == "flash_fwd.cu"
@@ -192,17 +192,25 @@ def test_hopper_backward_table_fits_and_is_chosen_only_where_it_runs():
             for general in (False, True):
                 plan = _tiles.backward_variant(dtype, bucket, general, limit, "sm_90")
                 portable = _tiles.backward_variant(dtype, bucket, general, limit)
-                hopper = np.dtype(dtype).itemsize == 2 and not general and bucket <= 128
+                # 160 and 192 pad to 192 columns, which do not split into 128-column halves
+                hopper = np.dtype(dtype).itemsize == 2 and not general and bucket not in (160, 192)
                 assert (plan.dkdv_variant is not None) == hopper == plan.dkdv.wgmma
                 assert plan.variant == portable.variant and plan.dq == portable.dq  # prep, dQ kernels
                 assert plan.dkdv_smem <= limit
                 if hopper:
                     assert plan.dkdv_variant.kernel_file == "flash_bwd_sm90.cu"
                     assert "--gpu-architecture=sm_90a" in _build.options_for(plan.dkdv_variant, "sm_90")
-                    assert plan.dkdv.block_n == 16 * plan.dkdv.warps and plan.dkdv.block_m in (64, 128)
-                    # dQ splits into 64- or 128-column wgmma products (BwdSm90's static_assert)
+                    assert plan.dkdv.block_m in (64, 128)
+                    padded = -(-bucket // 64) * 64
+                    # BwdSm90's static_asserts: 64-key groups of one warpgroup, or of two that
+                    # split the padded head dim in 128-column halves and the query tile in halves
+                    split = _tiles.bwd_sm90_split(plan.dkdv)
+                    assert plan.dkdv.block_n * split == 16 * plan.dkdv.warps and split == (1 if bucket <= 128 else 2)
+                    if split == 2:
+                        assert padded == 256 and plan.dkdv.block_m // 2 == 32
+                    # dQ splits into 64- or 128-column wgmma products
                     row_split = plan.dkdv.block_m // 64
-                    cols = -(-bucket // 64) * 64 // (plan.dkdv.warps // 4 // row_split)
+                    cols = padded // (plan.dkdv.warps // 4 // row_split)
                     assert cols in (64, 128)
                 else:
                     assert plan == portable

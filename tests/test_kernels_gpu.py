@@ -266,6 +266,10 @@ def _pinned_core() -> list[Case]:
         cases.append(Case(batch=1, seqlen_q=77, seqlen_k=130, heads=2, heads_kv=2, head_dim=d, dtype="fp16"))
     for d in (7, 128, 256):
         cases.append(Case(batch=1, seqlen_q=70, seqlen_k=90, heads=2, heads_kv=1, head_dim=d, dtype="fp32"))
+    # Hopper: d=64 forward tiles for long problems (192 rows); the split d=256 backward
+    # with several key and query tiles, GQA and a causal mask.
+    cases.append(Case(batch=1, seqlen_q=2049, seqlen_k=2050, heads=2, heads_kv=1, head_dim=64, dtype="bf16"))
+    cases.append(Case(batch=1, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2, head_dim=256, dtype="bf16", causal=True))
     cases.append(Case(heads=4, heads_kv=4, dtype="bf16"))  # MHA
     cases.append(Case(heads=4, heads_kv=2, dtype="bf16", deterministic=True))  # GQA
     cases.append(Case(heads=4, heads_kv=1, dtype="bf16", layout="bhsd"))  # MQA
