@@ -80,7 +80,8 @@ def naive_attention(q, k, v, dout, dtype, opts: dict, keep=None):
     kr = np.repeat(k, group, axis=1).astype(np.float32)
     vr = np.repeat(v, group, axis=1).astype(np.float32)
     q32 = q.astype(np.float32)
-    scale = opts.get("softmax_scale") or 1.0 / np.sqrt(d)
+    scale = opts.get("softmax_scale")
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
     s = r(q32 @ np.swapaxes(kr, -1, -2))
     x = r(s * np.float32(scale))
     softcap = opts.get("softcap", 0.0)

@@ -88,6 +88,7 @@ class Case:
     mask_shape: tuple | None = None
     dropout_p: float = 0.0
     varlen: tuple | None = None  # per-sequence (len_q, len_k) pairs
+    softmax_scale: float | None = None
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -123,6 +124,8 @@ def draw_inputs(case: Case, rng: np.random.Generator):
                 softcap=case.softcap, deterministic=case.deterministic)
     if not case.varlen:
         opts["layout"] = case.layout
+    if case.softmax_scale is not None:
+        opts["softmax_scale"] = case.softmax_scale
     eff = dataclasses.replace(case, batch=batch)
     if case.alibi:
         opts["alibi_slopes"] = rng.uniform(0.05, 0.5, size=(case.heads,) if case.alibi == "h" else (batch, case.heads)).astype(np.float32)
@@ -152,7 +155,7 @@ def _naive_for(case: Case, q, k, v, dout, opts):
 
     def seq_opts(b, nq, nk):
         """Options for the naive attention of sequence b (all batches when b is None)."""
-        o = {key: opts.get(key) for key in ("causal", "causal_alignment", "window_size", "softcap", "dropout_p")}
+        o = {key: opts.get(key) for key in ("causal", "causal_alignment", "window_size", "softcap", "dropout_p", "softmax_scale")}
         if "alibi_slopes" in opts:
             s = np.asarray(opts["alibi_slopes"])
             o["alibi_slopes"] = s if (s.ndim == 1 or b is None) else s[b : b + 1]
@@ -255,6 +258,7 @@ def core_cases(draw):
         alignment=draw(st.sampled_from(("bottom_right", "top_left"))),
         layout=draw(st.sampled_from(("bshd", "bhsd"))),
         deterministic=draw(st.booleans()),
+        softmax_scale=draw(st.sampled_from((None, None, None, 0.5, -0.3))),
     )
 
 
@@ -270,6 +274,10 @@ def _pinned_core() -> list[Case]:
     # with several key and query tiles, GQA and a causal mask.
     cases.append(Case(batch=1, seqlen_q=2049, seqlen_k=2050, heads=2, heads_kv=1, head_dim=64, dtype="bf16"))
     cases.append(Case(batch=1, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2, head_dim=256, dtype="bf16", causal=True))
+    # Softmax scales: positive (the Hopper forward folds it into the exponent), negative
+    # and zero (it scales the scores first).
+    for scale, dtype in ((0.3, "bf16"), (-0.25, "bf16"), (0.0, "fp16"), (-0.1, "fp32")):
+        cases.append(Case(seqlen_q=150, seqlen_k=150, causal=True, dtype=dtype, softmax_scale=scale))
     cases.append(Case(heads=4, heads_kv=4, dtype="bf16"))  # MHA
     cases.append(Case(heads=4, heads_kv=2, dtype="bf16", deterministic=True))  # GQA
     cases.append(Case(heads=4, heads_kv=1, dtype="bf16", layout="bhsd"))  # MQA
