@@ -16,10 +16,7 @@
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM 0/1 = fp16/bf16, CF_HEAD_DIM
 // (the head-dim bucket), CF_FWD_BLOCK_N (key tile: 32, 64 or 128), CF_FWD_WARPS (4 x the
 // warpgroups), CF_FWD_MIN_BLOCKS (resident blocks per SM the registers must allow),
-// CF_FWD_OVERLAP (software-pipeline P·V of one key tile with the softmax of the next),
-// CF_FWD_FOLD (the softmax scale is positive and folds into the exponent's FMA; zero or
-// negative scales reverse or flatten the order of the scores and scale them first: one
-// kernel holding both paths spills).
+// CF_FWD_OVERLAP (software-pipeline P·V of one key tile with the softmax of the next).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -27,7 +24,7 @@
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
-template <typename T, int kHeadDim, int kBlockN, int kWG, bool kOverlap, bool kFold>
+template <typename T, int kHeadDim, int kBlockN, int kWG, bool kOverlap>
 struct FwdSm90 {
     static constexpr int kD = (kHeadDim + 63) / 64 * 64;
     static constexpr int kBlockM = 64 * kWG, kThreads = 128 * kWG;
@@ -108,16 +105,12 @@ struct FwdSm90 {
             }
             wgmma_commit();
         };
-        // Masked scores to probabilities (unnormalised) against the running max. kFold:
-        // the scale goes into the exponent's FMA (OnlineSoftmax::update_raw); otherwise the
-        // scores are scaled to log2 units first, rounded alone as the backward rounds them.
-        auto probabilities = [&](float (&s)[kNT][4], int n0, float (&alpha)[2]) {
-            if constexpr (!kFold) {
+        // Scores to log2 units (rounded alone, as the backward rounds them), masked.
+        auto to_log2 = [&](float (&s)[kNT][4], int n0) {
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+            for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
-            }
+                for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
             if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
@@ -132,10 +125,6 @@ struct FwdSm90 {
                         }
                 }
             }
-            if constexpr (kFold)
-                softmax.update_raw(s, alpha, p.scale_log2);
-            else
-                softmax.update(s, alpha);
         };
 
         if (n_lo < n_hi && !kOverlap) {
@@ -159,9 +148,8 @@ struct FwdSm90 {
                 issue_s(s, stage);
                 wgmma_wait_all();
                 pin(s);
-                float alpha[2];
-                probabilities(s, n_block * kBlockN, alpha);
-                OnlineSoftmax<kNT>::rescale(acc_o, alpha);
+                to_log2(s, n_block * kBlockN);
+                softmax.step(s, acc_o);
                 FragA<T> pa[kBlockN / 16];
 #pragma unroll
                 for (int kk = 0; kk < kBlockN / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
@@ -196,8 +184,9 @@ struct FwdSm90 {
                     wgmma_wait_all();
                 }
                 pin(s);
+                to_log2(s, n_block * kBlockN);
                 float alpha[2];
-                probabilities(s, n_block * kBlockN, alpha);
+                softmax.update(s, alpha);
                 wgmma_wait_all();  // P(n+1)·V(n+1) done: O may be rescaled, pa reused
                 pin(acc_o);
                 OnlineSoftmax<kNT>::rescale(acc_o, alpha);
@@ -250,5 +239,5 @@ typedef bf16_t ElemT;
 
 extern "C" __global__ void __launch_bounds__(CF_FWD_WARPS * 32, CF_FWD_MIN_BLOCKS) cuflash_fwd(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) char smem[];
-    FwdSm90<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_WARPS / 4, CF_FWD_OVERLAP != 0, CF_FWD_FOLD != 0>::run(p, smem);
+    FwdSm90<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_WARPS / 4, CF_FWD_OVERLAP != 0>::run(p, smem);
 }

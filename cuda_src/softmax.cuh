@@ -64,32 +64,6 @@ struct OnlineSoftmax {
         }
     }
 
-    // `update` on raw scores (masked with -inf) for a positive scale_log2: the scaling is
-    // folded into the exponent's FMA. The running max is taken on the raw scores and then
-    // scaled: a positive factor and its rounding keep the order, so it equals the max of
-    // the scaled scores bit for bit (and so does the LSE).
-    CF_DEVICE void update_raw(float (&s)[NT][4], float (&alpha)[2], float scale_log2) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float raw = -CF_INF;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) raw = fmaxf(raw, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-            const float mx = fmaxf(row_max[r], warp_max_quad(raw) * scale_log2);
-            const float m_ref = mx == -CF_INF ? 0.f : mx;
-            alpha[r] = fast_exp2(row_max[r] - m_ref);
-            row_max[r] = mx;
-            row_sum[r] *= alpha[r];
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], scale_log2, -m_ref));
-                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], scale_log2, -m_ref));
-                sum += s[nt][2 * r] + s[nt][2 * r + 1];
-            }
-            row_sum[r] += sum;
-        }
-    }
-
     // Completes the row sums; returns 1/sum per row (0 for rows with no allowed key)
     // and the natural-log LSE (-inf for those rows).
     CF_DEVICE void finish(float (&inv_sum)[2], float (&lse)[2]) {

@@ -72,7 +72,7 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         return
     variant, tiles, smem = _tiles.forward_variant(
         dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
-        dims.seqlen_q, opts.causal, opts.scale_for(dims.head_dim) > 0,
+        dims.seqlen_q, opts.causal,
     )
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)

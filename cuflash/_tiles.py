@@ -259,13 +259,11 @@ def forward_variant(
     arch: str | None = None,
     seqlen_q: int | None = None,
     causal: bool = False,
-    positive_scale: bool = True,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
     score modifiers get the warpgroup MMA kernel (its tiles also depend on seqlen_q and
-    causal; a positive softmax scale is folded into its exponent, CF_FWD_FOLD); arch=None
-    plans the portable one."""
+    causal); arch=None plans the portable one."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
     if _wgmma_applies(arch, general, elem):
@@ -280,7 +278,6 @@ def forward_variant(
                 ("CF_FWD_WARPS", t.warps),
                 ("CF_FWD_MIN_BLOCKS", t.min_blocks),
                 ("CF_FWD_OVERLAP", int(t.overlap)),
-                ("CF_FWD_FOLD", int(positive_scale)),
             )
             return Variant("flash_fwd_sm90.cu", defines, arch_suffix="a"), t, fwd_smem(t, bucket, elem)
     t = tiles_for("fwd", dtype, head_dim, smem_limit, general)
@@ -358,10 +355,9 @@ def shipped_variants(arch: str) -> list[Variant]:
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
                 if arch in WGMMA_ARCHES:
                     for seqlen_q in (None, 1):  # long and short problems
-                        for positive in (True, False):  # softmax scale > 0, or not
-                            wg = forward_variant(dtype, bucket, general, limit, arch, seqlen_q, positive_scale=positive)[0]
-                            if wg.arch_suffix and wg not in out:
-                                out.append(wg)
+                        wg = forward_variant(dtype, bucket, general, limit, arch, seqlen_q)[0]
+                        if wg.arch_suffix and wg not in out:
+                            out.append(wg)
                 try:
                     out.append(backward_variant(dtype, bucket, general, limit).variant)
                 except UnsupportedConfig:

@@ -185,17 +185,6 @@ def test_hopper_forward_table_fits_and_is_chosen_only_where_it_runs():
         assert _tiles.forward_variant(np.dtype(np.float16), 128, False, _tiles.SMEM_LIMIT[arch], arch)[0].kernel_file == "flash_fwd.cu"
 
 
-def test_hopper_forward_folds_only_a_positive_scale():
-    limit = _tiles.SMEM_LIMIT["sm_90"]
-    for positive in (True, False):
-        hopper = _tiles.forward_variant(np.dtype(np.float16), 64, False, limit, "sm_90", positive_scale=positive)[0]
-        assert ("CF_FWD_FOLD", int(positive)) in hopper.defines
-        assert hopper in _tiles.shipped_variants("sm_90")
-    # the portable forward has one path for every scale
-    portable = _tiles.forward_variant(np.dtype(np.float16), 64, False, limit, None, positive_scale=False)[0]
-    assert portable == _tiles.forward_variant(np.dtype(np.float16), 64, False, limit)[0]
-
-
 def test_hopper_backward_table_fits_and_is_chosen_only_where_it_runs():
     limit = _tiles.SMEM_LIMIT["sm_90"]
     for dtype in _tiles.ELEM_CODE:

@@ -274,8 +274,8 @@ def _pinned_core() -> list[Case]:
     # with several key and query tiles, GQA and a causal mask.
     cases.append(Case(batch=1, seqlen_q=2049, seqlen_k=2050, heads=2, heads_kv=1, head_dim=64, dtype="bf16"))
     cases.append(Case(batch=1, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2, head_dim=256, dtype="bf16", causal=True))
-    # Softmax scales: positive (the Hopper forward folds it into the exponent), negative
-    # and zero (it scales the scores first).
+    # Softmax scales other than 1/sqrt(head_dim): positive, negative (the order of the
+    # scores reverses) and zero (uniform attention).
     for scale, dtype in ((0.3, "bf16"), (-0.25, "bf16"), (0.0, "fp16"), (-0.1, "fp32")):
         cases.append(Case(seqlen_q=150, seqlen_k=150, causal=True, dtype=dtype, softmax_scale=scale))
     cases.append(Case(heads=4, heads_kv=4, dtype="bf16"))  # MHA
