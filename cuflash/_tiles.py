@@ -45,7 +45,7 @@ class Tiles:
     wn_kv: int = 0
     wm_q: int = 0
     # Hopper (sm_90a) warpgroup MMA kernels (flash_fwd_sm90.cu: 4 warps per 64 query rows;
-    # flash_bwd_sm90.cu: 4 warps per 64 keys); min_blocks = resident blocks per SM the
+    # flash_bwd_sm90.cu: 4 or 8 warps per 64 keys); min_blocks = resident blocks per SM the
     # registers must allow.
     wgmma: bool = False
     min_blocks: int = 1
@@ -161,13 +161,15 @@ def _short_forward(seqlen_q: int | None, causal: bool) -> bool:
 
 
 # Hopper backward dK/dV kernel (16-bit, no score modifiers; flash_bwd_sm90.cu): block_n =
-# 64 keys per warpgroup, block_m = the query tile; the preprocess and dQ kernels stay the
-# portable ones. dQ is split over the warpgroups by query rows (block_m = 128) or by
-# head-dim columns (block_m = 64). Measured on H200, bf16, 16k tokens (benchmarks/NOTES.md v8).
+# keys in groups of 64, each owned by one warpgroup (d<=128) or shared by two that split the
+# head dim (d=256: warps / 4 / (block_n / 64) = 2, bwd_sm90_split); block_m = the query
+# tile; the preprocess and dQ kernels stay the portable ones. dQ is split over the
+# warpgroups by query rows (block_m = 128) or by head-dim columns (block_m = 64). Measured
+# on H200 (d<=128, benchmarks/NOTES.md v8) and H100 (d=256, v9), bf16, 16k tokens.
 _SM90_BWD_TABLE = (
     (64, Tiles(128, 128, 8, 2, wgmma=True), "d<=64: 128-query tiles, dQ split by rows, 134 KB: 284 TFLOP/s at 4k vs 184 on mma.sync; one warpgroup per block (2 blocks/SM) 197"),
     (128, Tiles(64, 128, 8, 2, wgmma=True), "d<=128: 64-query tiles (Sᵀ, dPᵀ 32 registers each beside dK, dV 64 each), dQ split by columns, 150 KB: 293 vs 248; one warpgroup per block 266"),
-    (256, Tiles(64, 64, 8, 2, wgmma=True), "d=224, 256: two warpgroups per 64 keys split dK, dV, dQ by head-dim halves (64 registers each) and Sᵀ, dPᵀ by query halves; Pᵀ, dSᵀ through shared memory, 210 KB"),
+    (256, Tiles(64, 64, 8, 2, wgmma=True), "d=224, 256: two warpgroups per 64 keys split dK, dV, dQ by head-dim halves (64 registers each) and Sᵀ, dPᵀ by query halves; Pᵀ, dSᵀ through shared memory, 210 KB: 239 vs 196 TFLOP/s at 4k on mma.sync"),
 )
 WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
 WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
