@@ -361,6 +361,15 @@ def test_masks_biases_softcap_alibi_dropout_varlen_match_float64(case):
     run_case(case, seed=case_seed(case))
 
 
+@pytest.mark.xfail(strict=True, reason="dbias of a (b, 1, 1, k) bias over 2 keys cancels to ~5e-3 while its 50 "
+                   "summands each carry Dsum's rounding of the fp16 output: ~1% off, outside the tolerance method")
+def test_broadcast_bias_gradient_under_cancellation_matches_float64():
+    # The example Hypothesis found on the GPU (features test, run of commit 3d13401).
+    case = Case(batch=2, seqlen_q=128, seqlen_k=97, heads=1, heads_kv=1, head_dim=8, dtype="fp16", causal=True,
+                deterministic=True, window=(-1, 3), alibi="h", bias_shape=("b", "1", "1", "k"), varlen=((50, 2),))
+    run_case(case, seed=case_seed(case))
+
+
 # ---- memory layout ---------------------------------------------------------------------------
 
 
