@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _build, _interop, _params, _tiles
+from . import _build, _fast, _interop, _params, _tiles
 from ._options import Options
 from ._params import Views
 from ._validate import Dims
@@ -38,6 +38,8 @@ _functions: dict[tuple[int, str], Any] = {}
 
 
 def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
+    """Launch kernel `name` of `mod`; `params` is the Params record (one element),
+    passed by value."""
     if blocks == 0:
         return
     if blocks > _MAX_GRID:
@@ -49,7 +51,29 @@ def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: n
         if smem > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = smem
         _functions[key] = kernel
-    kernel((blocks,), (threads,), (params[()],), shared_mem=smem, stream=stream)
+    kernel((blocks,), (threads,), (params,), shared_mem=smem, stream=stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    mod: Any
+    name: str
+    blocks: int
+    threads: int
+    smem: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The kernel launches of one call, in order, and the Params record they all read."""
+
+    launches: tuple[Launch, ...]
+    record: np.ndarray
+
+    def run(self, stream: Any, record: np.ndarray | None = None) -> None:
+        record = self.record if record is None else record
+        for k in self.launches:
+            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, record, stream)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -59,17 +83,18 @@ def _cdiv(a: int, b: int) -> int:
 # ---- on views -----------------------------------------------------------------------------
 
 
-def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
-    """Fill views.out and views.lse. Zero-size problems launch nothing."""
+def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
+    """Fill views.out and views.lse; return what was launched (None when nothing was:
+    zero-size problems launch nothing, and a problem without keys is filled in place)."""
     dtype = np.dtype(views.q.dtype)
     rows = dims.batch * dims.num_heads
     if rows == 0 or dims.seqlen_q == 0:
-        return
+        return None
     if dims.seqlen_k == 0:
         # No keys: every row is fully masked (output 0, LSE -inf).
         views.out.fill(0)
         views.lse.fill(-np.inf)
-        return
+        return None
     variant, tiles, smem = _tiles.forward_variant(
         dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
         dims.seqlen_q, opts.causal,
@@ -77,7 +102,9 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    _launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem, p.pack(), stream)
+    plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem),), p.pack())
+    plan.run(stream)
+    return plan
 
 
 def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
@@ -90,7 +117,7 @@ def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, devi
     variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
-    _launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0, p.pack(), stream)
+    Plan((Launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0),), p.pack()).run(stream)
 
 
 def workspace_shapes(dims: Dims, opts: Options, want_dbias: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -105,17 +132,18 @@ def workspace_shapes(dims: Dims, opts: Options, want_dbias: bool) -> dict[str, t
     return shapes
 
 
-def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> None:
+def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
     """Fill views.dq, views.dk, views.dv (and views.dbias_full when given, which must
-    arrive zero-filled). Workspaces come from `workspace_shapes`."""
+    arrive zero-filled); return what was launched (None for the zero-size problems, which
+    are filled in place). Workspaces come from `workspace_shapes`."""
     dtype = np.dtype(views.q.dtype)
     if dims.batch * dims.num_heads == 0:
-        return
+        return None
     if dims.seqlen_q == 0 or dims.seqlen_k == 0:
         # Nothing attends anything: every gradient is zero.
         for a in (views.dq, views.dk, views.dv):
             a.fill(0)
-        return
+        return None
     plan = _tiles.backward_variant(
         dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
     )
@@ -125,15 +153,19 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
     p = _params.fill(views, opts, dims, dq_atomic=atomic, want_dbias=views.dbias_full is not None)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, plan.dq.block_m)
     p["num_n_blocks"] = _cdiv(dims.seqlen_k, plan.dkdv.block_n)
-    record = p.pack()
     bh = dims.batch * dims.num_heads
-    _launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0, record, stream)
-    _launch(dkdv_mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,
-            plan.dkdv.threads, plan.dkdv_smem, record, stream)
+    launches = [
+        Launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0),
+        Launch(dkdv_mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,
+               plan.dkdv.threads, plan.dkdv_smem),
+    ]
     if atomic:
-        _launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0, record, stream)
+        launches.append(Launch(mod, "cuflash_bwd_dq_convert", _cdiv(dims.seqlen_q, 32) * bh, 128, 0))
     else:
-        _launch(mod, "cuflash_bwd_dq", p["num_m_blocks"] * bh, plan.dq.threads, plan.dq_smem, record, stream)
+        launches.append(Launch(mod, "cuflash_bwd_dq", p["num_m_blocks"] * bh, plan.dq.threads, plan.dq_smem))
+    done = Plan(tuple(launches), p.pack())
+    done.run(stream)
+    return done
 
 
 # ---- the API's CUDA path ----------------------------------------------------------------
@@ -162,14 +194,19 @@ def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
     return out
 
 
-def forward(call: Any) -> tuple[Any, Any]:
+def forward(call: Any, fast_key: tuple | None = None) -> tuple[Any, Any]:
+    """`fast_key`: the call's signature for the plan cache (`_fast`), None if it has none."""
     q, dims = call.q, call.dims
+    f32 = np.dtype(np.float32)
     with _interop.on_device(call.device, call.stream):
         out_obj, out = _interop.empty(q.shape, q.dtype, q, call.stream)
-        lse_obj, lse = _interop.empty(dims.lse_shape, np.dtype(np.float32), q, call.stream)
+        lse_obj, lse = _interop.empty(dims.lse_shape, f32, q, call.stream)
         views = Views(q=q.view, k=call.refs["k"].view, v=call.refs["v"].view, out=out, lse=lse,
                       **_option_views(call, dims))
-        run_forward(views, call.opts, dims, call.stream, call.device.index)
+        plan = run_forward(views, call.opts, dims, call.stream, call.device.index)
+    if fast_key is not None and plan is not None:
+        _fast.remember(fast_key, plan, views, call.opts, dims, call.device.index, inputs=("q", "k", "v"),
+                       outputs=(("out", q.shape, q.dtype), ("lse", dims.lse_shape, f32)), returned=2)
     return _result(out_obj, out, q), _result(lse_obj, lse, q)
 
 
@@ -187,24 +224,30 @@ def probabilities(call: Any) -> Any:
     return _result(probs_obj, probs, q)
 
 
-def backward(call: Any, compute_dbias: bool = True) -> tuple[Any, ...]:
+def backward(call: Any, compute_dbias: bool = True, fast_key: tuple | None = None) -> tuple[Any, ...]:
+    """`fast_key`: the call's signature for the plan cache (`_fast`), None if it has none."""
     r, dims, opts = call.refs, call.dims, call.opts
     q, k, v = r["q"], r["k"], r["v"]
     bias_ref = call.option_refs.get("bias")
     want_dbias = bias_ref is not None and compute_dbias
+    grads = (("dq", q), ("dk", k), ("dv", v))
+    shapes = workspace_shapes(dims, opts, want_dbias)
     with _interop.on_device(call.device, call.stream):
-        outs = {name: _interop.empty(like.shape, like.dtype, like, call.stream)
-                for name, like in (("dq", q), ("dk", k), ("dv", v))}
-        work = {name: _interop.empty(shape, dt, q, call.stream)[1]
-                for name, (shape, dt) in workspace_shapes(dims, opts, want_dbias).items()}
+        outs = {name: _interop.empty(like.shape, like.dtype, like, call.stream) for name, like in grads}
+        work = {name: _interop.empty(shape, dt, q, call.stream)[1] for name, (shape, dt) in shapes.items()}
         if want_dbias:
             work["dbias_full"].fill(0)  # the kernels write only the tiles that attend
         views = Views(q=q.view, k=k.view, v=v.view, out=r["out"].view, lse=r["lse"].view, dout=r["dout"].view,
                       dq=outs["dq"][1], dk=outs["dk"][1], dv=outs["dv"][1], **work, **_option_views(call, dims))
-        run_backward(views, opts, dims, call.stream, call.device.index)
-        results = [_result(*outs[name], ref) for name, ref in (("dq", q), ("dk", k), ("dv", v))]
+        plan = run_backward(views, opts, dims, call.stream, call.device.index)
+        results = [_result(*outs[name], ref) for name, ref in grads]
         if want_dbias:
             results.append(_reduce_dbias(work["dbias_full"], bias_ref, dims))
+    if fast_key is not None and plan is not None and not want_dbias:
+        outputs = tuple((name, like.shape, like.dtype) for name, like in grads)
+        outputs += tuple((name, shape, dt) for name, (shape, dt) in shapes.items())
+        _fast.remember(fast_key, plan, views, opts, dims, call.device.index,
+                       inputs=("dout", "q", "k", "v", "out", "lse"), outputs=outputs, returned=3)
     return tuple(results)
 
 

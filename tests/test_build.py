@@ -73,6 +73,59 @@ def test_params_field_sizes_match_their_c_types():
     assert dtype.fields["softmax_scale"][0] == np.float32
 
 
+class _FakeDeviceArray:
+    """Just what _params.fill reads of a device array: pointer, shape, strides, dtype."""
+
+    def __init__(self, ptr: int, shape: tuple, dtype, strides: tuple | None = None):
+        self.dtype = np.dtype(dtype)
+        self.itemsize = self.dtype.itemsize
+        self.shape, self.ndim = shape, len(shape)
+        if strides is None:
+            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        self.strides = tuple(st * self.itemsize for st in strides)
+        self.data = type("Pointer", (), {"ptr": ptr})()
+
+
+def _views(pointers: dict[str, int], q_shape=(2, 70, 4, 64), kv_shape=(2, 90, 2, 64), row_stride=None):
+    from cuflash._interop import BFLOAT16
+
+    f32 = np.float32
+    b, n, h, d = q_shape
+    q_strides = None if row_stride is None else (n * row_stride, row_stride, d, 1)
+    arrays = dict(q=(q_shape, BFLOAT16, q_strides), k=(kv_shape, BFLOAT16, None), v=(kv_shape, BFLOAT16, None),
+                  out=(q_shape, BFLOAT16, None), lse=((b, h, n), f32, None), dout=(q_shape, BFLOAT16, None),
+                  dq=(q_shape, BFLOAT16, None), dk=(kv_shape, BFLOAT16, None), dv=(kv_shape, BFLOAT16, None),
+                  dsum=((b, h, n), f32, None), lse_log2=((b, h, n), f32, None), dq_accum=((b, h, n, d), f32, None))
+    return _params.Views(**{name: _FakeDeviceArray(pointers[name], shape, dt, st) for name, (shape, dt, st) in arrays.items()})
+
+
+@pytest.mark.parametrize("row_stride", [None, 4 * 64 + 3])
+def test_a_reused_record_with_new_pointers_equals_a_fresh_one(row_stride):
+    """The plan cache's records: a filled record re-pointed (pointers, alignment bits,
+    seed) is byte for byte the record `fill` makes for the new call, misaligned pointers
+    included."""
+    from cuflash._options import make_options
+    from cuflash._validate import Dims
+
+    names = ("dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv", "dq_accum", "dsum", "lse_log2")
+    opts = make_options(causal=True, dropout_p=0.1, seed=5)
+    dims = Dims(batch=2, seqlen_q=70, seqlen_k=90, num_heads=4, num_heads_kv=2, head_dim=64)
+    rng = np.random.default_rng(0)
+    first = {name: int(rng.integers(1, 2**40)) * 256 for name in names}
+    record = _params.fill(_views(first, row_stride=row_stride), opts, dims, dq_atomic=True).pack()
+    repoint = _params.Repointer(record, _views(first, row_stride=row_stride), names, opts, dims)
+    for offset in (0, 2, 16, 6):
+        again = {name: int(rng.integers(1, 2**40)) * 256 + (offset if name in ("q", "dk", "out") else 0)
+                 for name in names}
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        fresh = _params.fill(_views(again, row_stride=row_stride), opts.replace(seed=seed), dims, dq_atomic=True).pack()
+        reused = repoint([again[name] for name in names], seed)
+        assert reused.shape == (1,) and reused.dtype == fresh.dtype
+        assert reused.tobytes() == fresh.tobytes()
+        if offset % 16:  # the misaligned arrays lose their vector-load bits
+            assert int(reused["aligned"][0]) != int(record["aligned"])
+
+
 def _resources(log: str) -> dict[str, dict[str, int]]:
     found = {}
     for m in re.finditer(

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _interop, _launch, reference
+from cuflash import _api, _fast, _interop, _launch, reference
 
 from _tolerance import BF16, check_all, compare, naive_attention
 
@@ -63,6 +63,18 @@ def poison_outputs(monkeypatch):
         return obj, view
 
     monkeypatch.setattr(_interop, "empty", poisoned)
+    real_fast_empty = _fast.empty
+
+    def poisoned_fast(library, shape, dtype, device):
+        arr = real_fast_empty(library, shape, dtype, device)
+        if library == "torch":
+            if arr.is_floating_point():
+                arr.fill_(float("nan"))
+        elif np.dtype(dtype).kind == "f" or np.dtype(dtype) == BF16:
+            arr.fill(np.nan)
+        return arr
+
+    monkeypatch.setattr(_fast, "empty", poisoned_fast)
 
 
 # ---- one case --------------------------------------------------------------------------
@@ -227,11 +239,13 @@ def run_case(case: Case, seed: int = 0, backward: bool = True):
     if backward:
         grads = cuflash.backward(dev(dout), dev(q), dev(k), dev(v), out, lse, **dev_opts)
         ref_grads = reference.backward(dout, q, k, v, ref_out, ref_lse, **opts)
-        for name, got, ref, nv in zip(("dq", "dk", "dv"), grads, ref_grads, (naive["dq"], naive["dk"], naive["dv"])):
-            comparisons.append(compare(name, host(got), ref, nv, dt, 3))
+        forced = reference.backward(dout, q, k, v, host(out), ref_lse, **opts)  # see _tolerance
+        for name, got, ref, nv, fc in zip(("dq", "dk", "dv"), grads, ref_grads,
+                                          (naive["dq"], naive["dk"], naive["dv"]), forced):
+            comparisons.append(compare(name, host(got), ref, nv, dt, 3, forced=fc))
         if "bias" in opts:
             naive_db = _reduce_like(naive["ds"], opts["bias"].shape)
-            comparisons.append(compare("dbias", host(grads[3]), ref_grads[3], naive_db, dt, 3))
+            comparisons.append(compare("dbias", host(grads[3]), ref_grads[3], naive_db, dt, 3, forced=forced[3]))
     check_all(comparisons)
     return comparisons
 
@@ -361,23 +375,111 @@ def test_masks_biases_softcap_alibi_dropout_varlen_match_float64(case):
     run_case(case, seed=case_seed(case))
 
 
-@pytest.mark.xfail(strict=True, reason="dbias of a (b, 1, 1, k) bias over 2 keys cancels to ~5e-3 while its 50 "
-                   "summands each carry Dsum's rounding of the fp16 output: ~1% off, outside the tolerance method")
 def test_broadcast_bias_gradient_under_cancellation_matches_float64():
-    # The example Hypothesis found on the GPU (features test, run of commit 3d13401).
+    # An example Hypothesis found on the GPU: two keys, rows that see one or both. The
+    # bias gradient is P (dP - D) summed over rows, ~5e-3 from terms of size ~1: D's
+    # rounding (out is stored in fp16) is the whole error, and the naive baseline's own
+    # rounded out happened to land closer (see _tolerance: the forced baseline).
     case = Case(batch=2, seqlen_q=128, seqlen_k=97, heads=1, heads_kv=1, head_dim=8, dtype="fp16", causal=True,
                 deterministic=True, window=(-1, 3), alibi="h", bias_shape=("b", "1", "1", "k"), varlen=((50, 2),))
     run_case(case, seed=case_seed(case))
 
 
+# ---- repeat calls (the plan cache) -------------------------------------------------------
+
+
+def _count_full_path(monkeypatch) -> list[str]:
+    """Records each call that takes the full path (import, validation, record)."""
+    calls = []
+    real = _api._Call
+    monkeypatch.setattr(_api, "_Call", lambda where, *a, **kw: calls.append(where) or real(where, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("case", [
+    Case(batch=2, seqlen_q=130, seqlen_k=77, heads=4, heads_kv=2, head_dim=64, dtype="bf16", causal=True),
+    Case(seqlen_q=90, seqlen_k=90, head_dim=40, dtype="fp32", dropout_p=0.2, deterministic=True, window=(20, 5)),
+    Case(seqlen_q=65, seqlen_k=200, head_dim=128, dtype="fp16", layout="bhsd", softcap=30.0, softmax_scale=-0.3),
+], ids=["gqa-causal-bf16", "fp32-dropout-window", "fp16-bhsd-softcap"])
+def test_repeat_calls_take_the_plan_and_stay_within_tolerance(case, monkeypatch):
+    """Calls after the first with the same signature skip the full path; with fresh
+    inputs (and, with dropout, a fresh seed) each is judged by the tolerance method."""
+    _fast.clear()
+    full = _count_full_path(monkeypatch)
+    for seed in range(3):
+        run_case(case, seed=seed)
+    assert full == ["cuflash.forward", "cuflash.backward"]
+
+
+def _misaligned(a):
+    """The same values, shape and strides, at an address 1 element past a 16-byte one."""
+    import cupy
+
+    buf = cupy.empty(a.size + 1, dtype=a.dtype)
+    view = buf[1:].reshape(a.shape)
+    view[...] = a
+    assert view.data.ptr % 16 != 0 and view.strides == a.strides
+    return view
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_repeat_calls_give_the_full_paths_bits_at_any_alignment(dtype, monkeypatch):
+    """A plan made from 16-byte aligned arrays, reused for arrays of the same signature at
+    misaligned addresses (element loads instead of vector loads), and the other way round:
+    the results equal the full path's bit for bit."""
+    case = Case(batch=2, seqlen_q=100, seqlen_k=120, heads=4, heads_kv=1, head_dim=64, dtype=dtype, causal=True,
+                deterministic=True)
+    for first_misaligned in (False, True):
+        _fast.clear()
+        full = _count_full_path(monkeypatch)
+        got, want = [], []
+        for draw, misaligned in enumerate((first_misaligned, not first_misaligned, first_misaligned)):
+            q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(draw))
+            arrays = [dev(a) for a in (q, k, v, dout)]
+            if misaligned:
+                arrays = [_misaligned(a) for a in arrays]
+            out, lse = cuflash.forward(*arrays[:3], **opts)
+            got.append([host(x) for x in (out, lse, *cuflash.backward(arrays[3], *arrays[:3], out, lse, **opts))])
+        assert full == ["cuflash.forward", "cuflash.backward"]
+        for draw, misaligned in enumerate((first_misaligned, not first_misaligned, first_misaligned)):
+            _fast.clear()  # every call below takes the full path
+            q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(draw))
+            arrays = [dev(a) for a in (q, k, v, dout)]
+            if misaligned:
+                arrays = [_misaligned(a) for a in arrays]
+            out, lse = cuflash.forward(*arrays[:3], **opts)
+            _fast.clear()
+            want.append([host(x) for x in (out, lse, *cuflash.backward(arrays[3], *arrays[:3], out, lse, **opts))])
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                assert np.array_equal(a, b, equal_nan=True) and not np.isnan(a).any()
+
+
+def test_a_call_the_full_path_rejects_is_rejected_again(monkeypatch):
+    """Only successful calls leave a plan: an invalid call raises every time, and a valid
+    one with the same arrays but an invalid seed still gets the seed's error."""
+    import cupy
+
+    _fast.clear()
+    q = cupy.ones((1, 8, 2, 64), dtype=cupy.float16)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="seed=None with dropout_p"):
+            cuflash.forward(q, q, q, dropout_p=0.1)
+    cuflash.forward(q, q, q, dropout_p=0.1, seed=1)
+    cuflash.forward(q, q, q, dropout_p=0.1, seed=2)  # the plan
+    for bad in (-1, 2**64, 1.5):
+        with pytest.raises(ValueError, match="seed="):
+            cuflash.forward(q, q, q, dropout_p=0.1, seed=bad)
+    with pytest.raises(ValueError, match="dropout_p=True"):
+        cuflash.forward(q, q, q, dropout_p=True, seed=1)
+
+
 # ---- memory layout ---------------------------------------------------------------------------
 
 
-def _padded_view(a: np.ndarray, rng, extra=(0, 3, 1, 8)):
+def _padded_view(a: np.ndarray, extra=(0, 3, 1, 8)):
     """A device view of `a` inside a larger NaN-filled buffer (more rows, heads, columns).
     With 3 extra columns the rows are not 16-byte aligned: the element-wise load path."""
-    import cupy
-
     big_shape = tuple(n + e for n, e in zip(a.shape, extra))
     big = np.full(big_shape, np.nan, dtype=np.float32).astype(a.dtype)
     big[tuple(slice(0, n) for n in a.shape)] = a
@@ -398,7 +500,7 @@ def test_nan_past_the_logical_end_of_inputs_changes_nothing_bitwise(dtype, head_
     rng = np.random.default_rng(7)
     q, k, v, dout, opts = draw_inputs(case, rng)
     plain = [dev(a) for a in (q, k, v, dout)]
-    padded = [_padded_view(a, rng, extra=(0, 3, 1, extra_columns)) for a in (q, k, v, dout)]
+    padded = [_padded_view(a, extra=(0, 3, 1, extra_columns)) for a in (q, k, v, dout)]
     out_a, lse_a = cuflash.forward(*plain[:3], **opts)
     out_b, lse_b = cuflash.forward(*padded[:3], **opts)
     assert _bitwise_equal(out_a, out_b) and _bitwise_equal(lse_a, lse_b)
@@ -422,7 +524,7 @@ def test_strided_inputs_give_the_same_bits_as_contiguous_ones(dtype):
     # BSHD arrays whose memory is BHSD (a transposed view), heads sliced out of a wider one.
     q_t = dev(np.ascontiguousarray(q.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
     k_wide = dev(np.concatenate([k, k[:, :, :1]], axis=2))[:, :, :2]
-    v_rows = _padded_view(v, rng, extra=(0, 5, 0, 0))
+    v_rows = _padded_view(v, extra=(0, 5, 0, 0))
     dout_t = dev(np.ascontiguousarray(dout.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
     assert not q_t.flags.c_contiguous and not k_wide.flags.c_contiguous and not dout_t.flags.c_contiguous
     out_a, lse_a = cuflash.forward(dev(q), dev(k), dev(v), **opts)

@@ -182,6 +182,38 @@ def test_runs_on_the_current_non_default_stream():
         assert rel_err(got, want) < 1e-2
 
 
+def test_repeat_calls_take_the_plan_with_the_full_paths_bits(monkeypatch):
+    """After the first call of a signature, calls skip import and validation; on fresh
+    tensors (one a strided view, one with an odd storage offset) they give the full
+    path's bits."""
+    import cuflash
+    from cuflash import _api, _fast
+
+    calls = []
+    real = _api._Call
+    monkeypatch.setattr(_api, "_Call", lambda where, *a, **kw: calls.append(where) or real(where, *a, **kw))
+    _fast.clear()
+    wide = cuda_randn(2, 96, 4, 65, seed=30)
+    inputs = [
+        [cuda_randn(2, 96, 4, 64, seed=10 * i + j) for j in range(4)] for i in range(2)
+    ] + [[wide[..., 1:], *(cuda_randn(2, 96, 4, 64, seed=40 + j) for j in range(3))]]
+    inputs[2][1] = inputs[2][1].transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, S, D) memory
+    inputs[1][2] = torch.empty(2 * 96 * 4 * 64 + 1, dtype=BF16, device="cuda")[1:].view(2, 96, 4, 64).copy_(inputs[1][2])
+    signatures = {tuple((t.shape, t.stride()) for t in ts) for ts in inputs}
+    got = []
+    for q, k, v, dout in inputs:
+        out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
+        got.append((out, lse, *cuflash.backward(dout, q, k, v, out, lse, causal=True, deterministic=True)))
+    assert len(calls) == 2 * len(signatures) < 2 * len(inputs)
+    for (q, k, v, dout), results in zip(inputs, got):
+        _fast.clear()
+        out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
+        _fast.clear()
+        want = (out, lse, *cuflash.backward(dout, q, k, v, out, lse, causal=True, deterministic=True))
+        for a, b in zip(results, want):
+            assert torch.equal(a, b) and type(a) is torch.Tensor
+
+
 # ---------------------------------------------------------------------------------------
 # The SDPA drop-in against torch's SDPA, both measured against float64
 
