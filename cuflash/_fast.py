@@ -34,7 +34,6 @@ class _Library:
     name: str
     signature: Callable[[Any], tuple]  # (shape, strides, dtype, device, on_gpu)
     pointer: Callable[[Any], int]
-    device_index: Callable[[Any], int]
     stream: Callable[[int], Any]  # the CuPy stream to launch on (the caller's current)
     dtype: Callable[[np.dtype], Any]  # the library's dtype for a NumPy one
 
@@ -64,7 +63,6 @@ def _torch_library() -> _Library:
         name="torch",
         signature=lambda t: (t.shape, t.stride(), t.dtype, t.device, t.is_cuda),
         pointer=lambda t: t.data_ptr(),
-        device_index=lambda t: t.device.index,
         stream=stream,
         dtype=_torch_dtype,
     )
@@ -77,7 +75,6 @@ def _cupy_library() -> _Library:
         name="cupy",
         signature=lambda a: (a.shape, a.strides, a.dtype, a.device.id, True),
         pointer=lambda a: a.data.ptr,
-        device_index=lambda a: a.device.id,
         stream=lambda index: cupy.cuda.get_current_stream(),
         dtype=np.dtype,
     )
@@ -107,16 +104,14 @@ def _library_of(kind: type) -> _Library | None:
     return found
 
 
-def empty(library: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
-    """A new array of the caller's library on `device` (the library's dtype and device)."""
+def empty(library: str, like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A new contiguous array of the caller's library on `like`'s device (CuPy: the
+    current one, which `run` makes `like`'s)."""
     if library == "torch":
-        import torch
-
-        return torch.empty(shape, dtype=dtype, device=device)
+        return like.new_empty(shape, dtype=dtype)
     import cupy
 
-    with cupy.cuda.Device(device):
-        return cupy.empty(shape, dtype=dtype)
+    return cupy.empty(shape, dtype=dtype)
 
 
 def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | None:
@@ -146,7 +141,6 @@ def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | No
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     library: _Library
-    device: Any  # as the library names it (torch.device; CuPy: the index)
     device_index: int
     plan: Any  # _launch.Plan
     repoint: Any  # _params.Repointer
@@ -167,7 +161,6 @@ def remember(key: tuple, plan: Any, views: Any, opts: Any, dims: Any, device_ind
     names = inputs + tuple(name for name, _, _ in outputs)
     entry = _Entry(
         library=library,
-        device=key[2][0][3],
         device_index=device_index,
         plan=plan,
         repoint=Repointer(plan.record, views, names, opts, dims),
@@ -190,7 +183,7 @@ def run(key: tuple, arrays: tuple, seed: int | None) -> tuple | None:
     library, index = entry.library, entry.device_index
     with cupy.cuda.Device(index):
         stream = library.stream(index)
-        outs = [empty(library.name, shape, dtype, entry.device) for shape, dtype in entry.outputs]
+        outs = [empty(library.name, arrays[0], shape, dtype) for shape, dtype in entry.outputs]
         pointers = [library.pointer(a) for a in arrays]
         pointers += [library.pointer(o) for o in outs]
         entry.plan.run(stream, entry.repoint(pointers, 0 if seed is None else seed))

@@ -38,8 +38,8 @@ _functions: dict[tuple[int, str], Any] = {}
 
 
 def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
-    """Launch kernel `name` of `mod`; `params` is the Params record (one element),
-    passed by value."""
+    """Launch kernel `name` of `mod`; `params` is the Params record as `_params.as_argument`
+    makes it, passed by value."""
     if blocks == 0:
         return
     if blocks > _MAX_GRID:
@@ -71,9 +71,9 @@ class Plan:
     record: np.ndarray
 
     def run(self, stream: Any, record: np.ndarray | None = None) -> None:
-        record = self.record if record is None else record
+        argument = _params.as_argument(self.record if record is None else record)
         for k in self.launches:
-            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, record, stream)
+            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -65,8 +65,8 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(_interop, "empty", poisoned)
     real_fast_empty = _fast.empty
 
-    def poisoned_fast(library, shape, dtype, device):
-        arr = real_fast_empty(library, shape, dtype, device)
+    def poisoned_fast(library, like, shape, dtype):
+        arr = real_fast_empty(library, like, shape, dtype)
         if library == "torch":
             if arr.is_floating_point():
                 arr.fill_(float("nan"))
