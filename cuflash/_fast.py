@@ -9,8 +9,8 @@ repeat call allocates its outputs, writes its pointers into a copy of the record
 launches, on the caller's current stream like the full path.
 
 The signature holds everything validation and the record read except the pointers: the
-array type, each array's shape, strides, dtype and device, and the scalar options with
-their types. Pointer alignment (vector or element loads) is worked out per call. Only
+array type, each array's shape, strides, dtype and device, the scalar options with their
+types, and any tile choice forced for tuning. Pointer alignment (vector or element loads) is worked out per call. Only
 PyTorch tensors and CuPy arrays with no array-valued option (bias, mask, ALiBi slopes,
 cu_seqlens) take this path, and only once a call with the same signature succeeded on
 the full path, so every error is still raised there.
@@ -23,6 +23,8 @@ import threading
 from typing import Any, Callable
 
 import numpy as np
+
+from . import _tiles
 
 _MAX_PLANS = 512
 
@@ -130,12 +132,19 @@ def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | No
         if not meta[-1]:  # host arrays take the reference path
             return None
         metas.append(meta)
-    key = (kind, library.name, tuple(metas), options, tuple(map(type, options)))
+    key = (kind, library.name, tuple(metas), options, tuple(map(type, options)), _tuning())
     try:
         hash(key)
     except TypeError:  # an unhashable option value: the full path will judge it
         return None
     return key
+
+
+def _tuning() -> tuple | None:
+    """Tile choices forced for tuning (benchmarks/tune.py), which change the launches."""
+    if not _tiles.OVERRIDES and _tiles.WGMMA_ENABLED:
+        return None
+    return tuple(_tiles.OVERRIDES.items()), _tiles.WGMMA_ENABLED
 
 
 @dataclasses.dataclass(frozen=True)
