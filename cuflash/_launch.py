@@ -96,8 +96,7 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.lse.fill(-np.inf)
         return None
     variant, tiles, smem = _tiles.forward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
-        dims.seqlen_q, opts.causal,
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
     )
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)

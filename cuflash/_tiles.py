@@ -139,27 +139,16 @@ _TABLE = (
 # 64 x N x 16 product per instruction from shared memory, with no fragment loads.
 _SM90_FWD_TABLE = (
     # Measured on H200, bf16, 16k tokens, seqlen 4k (benchmarks/tune.py; benchmarks/NOTES.md).
-    (64, Tiles(192, 128, 12, wgmma=True), "d<=64: three warpgroups share K/V tiles: 304 TFLOP/s vs 282 with two (overlapped); overlap loses at 12 warps (168 registers, spills)"),
+    # d<=64 (seqlen 512-16k, causal and not; H200, bf16 and fp16, ratio to FlashAttention-2
+    # in the same process): two blocks of two warpgroups per SM, 64-key tiles, P·V
+    # overlapped with the next softmax (128 registers, 49 KB): 0.99-1.10. One warpgroup per
+    # block, 3 blocks/SM (64 x 128): 0.96-1.02, K and V read three times as often as with
+    # 192-row tiles; 192 x 128 x 12 (three warpgroups share K/V, no overlap: 168 registers
+    # would spill): 0.74-0.86 at 512-1k, 1.05-1.07 at 8k-16k (1% ahead there).
+    (64, Tiles(128, 64, 8, min_blocks=2, wgmma=True, overlap=True), "d<=64: 2 blocks/SM of 2 warpgroups, 64-key tiles, overlapped: 0.99-1.10x FlashAttention-2 at 512-16k"),
     (128, Tiles(128, 128, 8, wgmma=True, overlap=True), "d<=128: 128-key tiles, P·V overlapped with the next softmax: 404 vs 378 TFLOP/s without (causal 358 vs 336)"),
     (256, Tiles(128, 64, 8, wgmma=True, overlap=True), "d<=256: 64-key tiles, 198 KB: 443 vs 351 TFLOP/s with 32-key tiles (causal 385 vs 299)"),
 )
-# Short or causal problems at d<=64 (rule in _short_forward): one warpgroup per block,
-# three blocks per SM (156 registers, 3 x 74 KB). Independent blocks interleave their
-# products and softmaxes with no block-wide barrier between them, and 64-row tiles waste
-# no rows at 1k (192-row tiles compute 1152). Measured ratio to FlashAttention-2 (H100,
-# bf16, 16k tokens), 192 x 128 x 12 vs this: 1k 0.83 vs 0.95, 2k 0.95 vs 0.97, causal 2k
-# 0.86 vs 0.95, causal 4k 0.90 vs 0.97; 4k 1.01 vs 0.97, causal 8k 0.97 vs 0.95, 16k 1.08
-# vs 1.00 (there 64-row tiles read K and V three times as often). Two blocks per SM with
-# P·V overlapped (226 registers) reached 0.91-0.96; overlapped at three blocks it spills.
-_SM90_FWD_SHORT = (
-    (64, Tiles(64, 128, 4, min_blocks=3, wgmma=True), "d<=64, seqlen_q<=2k or causal up to 4k: 3 blocks/SM, 74 KB each"),
-)
-
-
-def _short_forward(seqlen_q: int | None, causal: bool) -> bool:
-    return seqlen_q is not None and (seqlen_q <= 2048 or (causal and seqlen_q <= 4096))
-
-
 # Hopper backward dK/dV kernel (16-bit, no score modifiers; flash_bwd_sm90.cu): block_n =
 # keys in groups of 64, each owned by one warpgroup (d<=128) or shared by two that split the
 # head dim (d=256: warps / 4 / (block_n / 64) = 2, bwd_sm90_split); block_m = the query
@@ -228,13 +217,11 @@ def _sm90_fwd_smem(t: Tiles, head_dim: int) -> int:
 _SM90_TABLES = {"fwd_sm90": (_SM90_FWD_TABLE, _sm90_fwd_smem), "bwd_sm90": (_SM90_BWD_TABLE, bwd_sm90_smem)}
 
 
-def _sm90_tiles(kernel: str, bucket: int, smem_limit: int, short: bool = False) -> Tiles | None:
+def _sm90_tiles(kernel: str, bucket: int, smem_limit: int) -> Tiles | None:
     table, smem = _SM90_TABLES[kernel]
     forced = OVERRIDES.get((kernel, False, bucket))
     if forced is not None and smem(forced, bucket) <= smem_limit:
         return forced
-    if short:
-        table = _SM90_FWD_SHORT + table
     for max_d, tiles, _reason in table:
         if bucket <= max_d and smem(tiles, bucket) <= smem_limit and _sm90_shapes_fit(kernel, tiles, bucket):
             return tiles
@@ -259,17 +246,14 @@ def forward_variant(
     general: bool,
     smem_limit: int,
     arch: str | None = None,
-    seqlen_q: int | None = None,
-    causal: bool = False,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
-    score modifiers get the warpgroup MMA kernel (its tiles also depend on seqlen_q and
-    causal); arch=None plans the portable one."""
+    score modifiers get the warpgroup MMA kernel; arch=None plans the portable one."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
     if _wgmma_applies(arch, general, elem):
-        t = _sm90_tiles("fwd_sm90", bucket, smem_limit, _short_forward(seqlen_q, causal))
+        t = _sm90_tiles("fwd_sm90", bucket, smem_limit)
         if t is not None:
             defines = (
                 ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
@@ -356,10 +340,9 @@ def shipped_variants(arch: str) -> list[Variant]:
             for general in (False, True):
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
                 if arch in WGMMA_ARCHES:
-                    for seqlen_q in (None, 1):  # long and short problems
-                        wg = forward_variant(dtype, bucket, general, limit, arch, seqlen_q)[0]
-                        if wg.arch_suffix and wg not in out:
-                            out.append(wg)
+                    wg = forward_variant(dtype, bucket, general, limit, arch)[0]
+                    if wg.arch_suffix:
+                        out.append(wg)
                 try:
                     out.append(backward_variant(dtype, bucket, general, limit).variant)
                 except UnsupportedConfig:

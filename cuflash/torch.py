@@ -7,7 +7,9 @@ Two custom operators wrap the framework-agnostic API:
 
 Each has a fake (meta) implementation, and the forward an autograd formula that calls the
 backward, so they work under autograd, `torch.compile(fullgraph=True)` (no graph breaks),
-CUDA-graph capture and `torch.library.opcheck`. CUDA tensors run the kernels on PyTorch's
+CUDA-graph capture and `torch.library.opcheck`. Eager calls on plain tensors run the same
+operator bodies through an autograd Function (`_EagerAttention`), which skips the
+operators' per-call dispatch cost. CUDA tensors run the kernels on PyTorch's
 current stream with outputs from PyTorch's allocator; CPU tensors take the float64
 reference. On top of the operators sit drop-in replacements:
 
@@ -133,11 +135,16 @@ def attention_fwd(
 
     Options are cuflash's (README.md), with window_size split into window_left and
     window_right, and the dropout seed given as an int64 tensor (read on the host)."""
-    opts = _core_options(
-        bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
+    return _forward_impl(
+        q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
         causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
         max_seqlen_k, deterministic, layout,
     )
+
+
+def _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
+    """The forward operator's body (its arguments in its order)."""
+    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
     out, lse = cuflash.forward(_exportable(q), _exportable(k), _exportable(v), **opts)
     # The host reference may hand back transposed views; the fake promises contiguous.
     return out.contiguous(), lse.contiguous()
@@ -200,11 +207,17 @@ def attention_bwd(
     bias's shape and dtype, and is an empty (0,) tensor when no bias is given or
     compute_dbias is false (an operator cannot return None; skipping it saves the dense
     fp32 score-gradient workspace). The options must be the forward's."""
-    opts = _core_options(
-        bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
-        causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
-        max_seqlen_k, deterministic, layout,
+    return _backward_impl(
+        dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
+        softmax_scale, causal, causal_alignment, window_left, window_right, softcap, dropout_p,
+        max_seqlen_q, max_seqlen_k, deterministic, layout, compute_dbias=compute_dbias,
     )
+
+
+def _backward_impl(dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars,
+                   compute_dbias: bool):
+    """The backward operator's body (its arguments in its order)."""
+    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
     with_dbias = bias is not None and compute_dbias
     grads = cuflash.backward(
         _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
@@ -251,6 +264,45 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The operators' forward and backward bodies as an autograd Function, for eager calls
+    on plain tensors. The result is the same; the cost is not: an autograd-registered
+    custom operator re-fills its 20 default arguments from the schema on every call
+    (torch.library), about 0.2-0.5 ms of Python, more than the kernels of many problems
+    take. torch.compile, export, opcheck, FakeTensor and tensor subclasses see the
+    operators (`_use_operators`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
+        out, lse = _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
+        ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        want_dbias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward_impl(
+            grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *ctx.scalars,
+            compute_dbias=want_dbias,
+        )
+        return (dq, dk, dv, dbias if want_dbias else None) + (None,) * (5 + len(ctx.scalars))
+
+
+def _use_operators(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call goes through the custom operators rather than `_EagerAttention`:
+    while torch.compile or export traces, under torch.func transforms, and for anything
+    but plain tensors (FakeTensor, subclasses)."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch_active is not None and functorch_active():
+        return True
+    return any(t is not None and type(t) is not Tensor for t in tensors)
+
+
 # ---- differentiable entry points ----------------------------------------------------------
 
 
@@ -274,7 +326,7 @@ def _call(
     if window_size is None:
         window_size = (-1, -1)
     window_left, window_right = window_size
-    return torch.ops.cuflash.attention_fwd(
+    args = (
         q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         _seed_tensor(dropout_p, seed),
         None if softmax_scale is None else float(softmax_scale),
@@ -284,6 +336,9 @@ def _call(
         None if max_seqlen_k is None else int(max_seqlen_k),
         bool(deterministic), layout,
     )
+    if _use_operators(*args[:8]):
+        return torch.ops.cuflash.attention_fwd(*args)
+    return _EagerAttention.apply(*args)
 
 
 def attention(

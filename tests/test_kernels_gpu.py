@@ -284,8 +284,8 @@ def _pinned_core() -> list[Case]:
         cases.append(Case(batch=1, seqlen_q=77, seqlen_k=130, heads=2, heads_kv=2, head_dim=d, dtype="fp16"))
     for d in (7, 128, 256):
         cases.append(Case(batch=1, seqlen_q=70, seqlen_k=90, heads=2, heads_kv=1, head_dim=d, dtype="fp32"))
-    # Hopper: d=64 forward tiles for long problems (192 rows); the split d=256 backward
-    # with several key and query tiles, GQA and a causal mask.
+    # Hopper: a d=64 problem over many query and key tiles, the last of each partial; the
+    # split d=256 backward with several key and query tiles, GQA and a causal mask.
     cases.append(Case(batch=1, seqlen_q=2049, seqlen_k=2050, heads=2, heads_kv=1, head_dim=64, dtype="bf16"))
     cases.append(Case(batch=1, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2, head_dim=256, dtype="bf16", causal=True))
     # Softmax scales other than 1/sqrt(head_dim): positive, negative (the order of the

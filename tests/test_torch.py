@@ -222,6 +222,37 @@ def test_attention_with_explicit_seed_equals_reference_dropout():
     np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-12, atol=1e-12)
 
 
+def test_eager_calls_and_the_operators_give_the_same_values_and_gradients(monkeypatch):
+    """Eager calls on plain tensors skip the operator dispatch (an autograd Function with
+    the operators' bodies); forced through the operators they give the same bits."""
+    q, k, v = qkv(layout="bshd", requires_grad=True)
+    bias = randn(2, 4, 5, 7, requires_grad=True, seed=5)
+    dout = randn(2, 5, 4, 8, seed=6)
+
+    def run():
+        out = ct.attention(q, k, v, bias=bias, causal=True, dropout_p=0.3, seed=11, softcap=2.0)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v, bias), dout))
+
+    eager_calls = []
+    real = ct._EagerAttention.apply
+    monkeypatch.setattr(ct._EagerAttention, "apply", lambda *a: eager_calls.append(1) or real(*a))
+    eager = run()
+    monkeypatch.setattr(ct, "_use_operators", lambda *tensors: True)
+    operators = run()
+    assert eager_calls == [1]
+    for a, b in zip(eager, operators):
+        assert torch.equal(a, b)
+
+
+def test_fake_tensors_and_compiling_take_the_operators():
+    q, k, v = qkv(layout="bshd")
+    assert not ct._use_operators(q, k, v, None)
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        assert ct._use_operators(fq, fq, fq)
+    assert ct._use_operators(q, torch.nn.Parameter(k), v)
+
+
 def test_lse_carries_no_gradient():
     q, k, v = qkv(layout="bshd", requires_grad=True)
     out, lse, s_dmask = ct.flash_attn_func(q, k, v, return_attn_probs=True)

@@ -182,6 +182,24 @@ def test_runs_on_the_current_non_default_stream():
         assert rel_err(got, want) < 1e-2
 
 
+def test_eager_calls_and_the_operators_agree_on_the_gpu(monkeypatch):
+    """The eager path (an autograd Function) and the custom operators run the same kernels:
+    the same bits for values and gradients, a bias gradient included (deterministic)."""
+    q, k, v = (cuda_randn(2, 100, 4, 64, seed=i, requires_grad=True) for i in range(3))
+    bias = cuda_randn(2, 4, 100, 100, seed=3, requires_grad=True)
+    dout = cuda_randn(2, 100, 4, 64, seed=4)
+
+    def run():
+        out = ct.attention(q, k, v, bias=bias, causal=True, deterministic=True)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v, bias), dout))
+
+    eager = run()
+    monkeypatch.setattr(ct, "_use_operators", lambda *tensors: True)
+    operators = run()
+    for a, b in zip(eager, operators):
+        assert torch.equal(a, b)
+
+
 def test_repeat_calls_take_the_plan_with_the_full_paths_bits(monkeypatch):
     """After the first call of a signature, calls skip import and validation; on fresh
     tensors (one a strided view, one with an odd storage offset) they give the full
