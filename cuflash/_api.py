@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _fast, _interop, _validate, reference
 from ._interop import ArrayRef, Device, InteropError
-from ._options import Options, _is_real, make_options
+from ._options import Options, is_real, make_options
 
 _ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k")
 
@@ -177,7 +177,7 @@ def attention(
 
     With dropout_p > 0 and no seed, a fresh random seed is drawn."""
     options = {k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")}
-    if options["seed"] is None and _is_real(dropout_p) and dropout_p > 0:
+    if options["seed"] is None and is_real(dropout_p) and dropout_p > 0:
         options["seed"] = int(np.random.default_rng().integers(0, 2**63))
     key = _fast_key("forward", (q, k, v), options)
     if key is not None:

@@ -70,8 +70,11 @@ class Plan:
     launches: tuple[Launch, ...]
     record: np.ndarray
 
-    def run(self, stream: Any, record: np.ndarray | None = None) -> None:
-        argument = _params.as_argument(self.record if record is None else record)
+    def run(self, stream: Any, argument: np.ndarray | None = None) -> None:
+        """Launch on `stream`, with `argument` (a record as `_params.as_argument` gives it,
+        e.g. from `_params.Repointer`) in place of the plan's own record."""
+        if argument is None:
+            argument = _params.as_argument(self.record)
         for k in self.launches:
             _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream)
 

@@ -85,12 +85,12 @@ def option_errors(opts: Options) -> list[str]:
         errors.append(f"window_size={ws!r} must be a pair of ints (left, right)")
     elif ws[0] < -1 or ws[1] < -1:
         errors.append(f"window_size={ws!r}: each side must be >= -1 (-1 means unbounded)")
-    if not _is_real(opts.softcap) or not math.isfinite(opts.softcap) or opts.softcap < 0:
+    if not is_real(opts.softcap) or not math.isfinite(opts.softcap) or opts.softcap < 0:
         errors.append(f"softcap={opts.softcap!r} must be a finite number >= 0 (0 disables it)")
-    if not _is_real(opts.dropout_p) or not (0.0 <= opts.dropout_p < 1.0):
+    if not is_real(opts.dropout_p) or not (0.0 <= opts.dropout_p < 1.0):
         errors.append(f"dropout_p={opts.dropout_p!r} must satisfy 0 <= dropout_p < 1")
     if opts.softmax_scale is not None and (
-        not _is_real(opts.softmax_scale) or not math.isfinite(opts.softmax_scale)
+        not is_real(opts.softmax_scale) or not math.isfinite(opts.softmax_scale)
     ):
         errors.append(f"softmax_scale={opts.softmax_scale!r} must be a finite number or None")
     if opts.seed is not None and (not _is_int(opts.seed) or not 0 <= opts.seed < 2**64):
@@ -139,7 +139,7 @@ def _is_numpy_integer(x: Any) -> bool:
     return isinstance(x, np.integer)
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
     import numpy as np
 
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)

@@ -258,7 +258,7 @@ class Repointer:
 
     def __init__(self, record: np.ndarray, views: Views, names: tuple[str, ...], opts: Options, dims: Dims):
         dtype = record.dtype
-        self._dtype = dtype
+        self._opaque = np.dtype((np.void, dtype.itemsize))
         # Work on the record's 8-byte words: copying a structured array field by field
         # costs ~16 us, a plain word array ~0.2 us.
         self._words = record.reshape(1).view(np.uint64).copy()
@@ -269,11 +269,10 @@ class Repointer:
             (i, ALIGN_BITS[name]) for i, name in enumerate(names)
             if name in ALIGN_BITS and _vector_rows(getattr(views, name), opts, dims.varlen, dims.head_dim)
         )
-        self.names = names
 
     def __call__(self, pointers: list[int], seed: int) -> np.ndarray:
-        """The record for these pointers: a one-element structured array (a kernel
-        argument passed by value)."""
+        """The record for these pointers, as `as_argument` gives it: one opaque element
+        (a kernel argument passed by value)."""
         words = self._words.copy()
         words[self._slots] = pointers
         words[self._seed_slot] = seed
@@ -282,4 +281,4 @@ class Repointer:
             if pointers[i] % 16 == 0:
                 aligned |= bit
         words.view(np.int32)[self._aligned_slot] = aligned
-        return words.view(self._dtype)
+        return words.view(self._opaque)

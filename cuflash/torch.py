@@ -248,10 +248,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, backward_fn):
+    """The gradients autograd wants from the saved context, computed by `backward_fn`
+    (the backward operator, or its body on the eager path)."""
     q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     want_dbias = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.cuflash.attention_bwd(
+    dq, dk, dv, dbias = backward_fn(
         grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         seed, *ctx.scalars, compute_dbias=want_dbias,
     )
@@ -259,6 +261,10 @@ def _backward(ctx, grad_out, grad_lse):
     # slopes, cu_seqlens, seed and the non-tensor options.
     grads = [dq, dk, dv, dbias if want_dbias else None]
     return tuple(grads + [None] * (ctx.num_inputs - len(grads)))
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return _gradients(ctx, grad_out, torch.ops.cuflash.attention_bwd)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -273,22 +279,14 @@ class _EagerAttention(torch.autograd.Function):
     operators (`_use_operators`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
-        out, lse = _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
-        ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
-        ctx.scalars = scalars
-        ctx.mark_non_differentiable(lse)
+    def forward(ctx, *inputs):
+        out, lse = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-        want_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward_impl(
-            grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *ctx.scalars,
-            compute_dbias=want_dbias,
-        )
-        return (dq, dk, dv, dbias if want_dbias else None) + (None,) * (5 + len(ctx.scalars))
+        return _gradients(ctx, grad_out, _backward_impl)
 
 
 def _use_operators(*tensors: Optional[Tensor]) -> bool:

@@ -731,3 +731,19 @@ def test_backward_checks_the_shapes_of_dout_out_and_lse():
         reference.backward(case.dout, case.q, case.k, case.v, out, np.zeros((1, 2, 4)))
     with pytest.raises(TypeError, match="unknown option"):
         reference.backward(case.dout, case.q, case.k, case.v, out, lse, is_causal=True)
+
+
+def test_tolerance_bound_names_the_baseline_that_set_it():
+    """The GPU tests' tolerance method (tests/_tolerance.py): a gradient's bound comes from
+    the larger of the naive same-dtype error and the float64 error given the kernel's
+    stored output, and a failure message names which one it was."""
+    from _tolerance import compare
+
+    ref = np.array([1.0, -2.0, 3.0])
+    naive = ref + np.array([1e-3, 0.0, 0.0])
+    small, large = ref + np.array([0.0, 1e-4, 0.0]), ref + np.array([0.0, 0.0, 5e-3])
+    by_naive = compare("dq", ref, ref, naive, np.float16, 3, forced=small)
+    by_forced = compare("dq", ref, ref, naive, np.float16, 3, forced=large)
+    assert by_naive.naive_err == pytest.approx(1e-3) and "naive same-dtype max err" in str(by_naive)
+    assert by_forced.naive_err == pytest.approx(5e-3) and "float64 given the stored output max err" in str(by_forced)
+    assert by_forced.bound > by_naive.bound
