@@ -60,18 +60,6 @@ struct FwdSm90 {
 
         int n_lo, n_hi;
         index_mask.key_blocks(m0, kBlockM, kBlockN, n_lo, n_hi);
-        // This warpgroup's own key tiles [w_lo, w_hi): under causal or window masking, a
-        // block's edge tiles can be masked for all 64 of its rows (under causal masking
-        // with 64-key tiles, the first tile walked for the first warpgroup: 3% of the
-        // products at seqlen 2k). It skips their products and softmax, which would leave
-        // its state as it is, and only shares the loads and barriers, leaving the issue
-        // slots to the SM's other warpgroups. The overlapped loop skips only tiles above
-        // w_hi (the walk's first): below w_lo a pending P·V would need a V buffer that
-        // the next barrier frees for reloading, so those tiles are masked in place.
-        int w_lo, w_hi;
-        index_mask.key_blocks(m0 + wg * 64, 64, kBlockN, w_lo, w_hi);
-        w_lo = max(w_lo, n_lo);
-        w_hi = min(w_hi, n_hi);
 
         float acc_o[kDT][4];
 #pragma unroll
@@ -156,7 +144,6 @@ struct FwdSm90 {
                     load_v(n_block - 1, stage ^ 1);
                     cp_async_commit();
                 }
-                if (n_block < w_lo || n_block >= w_hi) continue;
                 float s[kNT][4];
                 issue_s(s, stage);
                 wgmma_wait_all();
@@ -180,26 +167,17 @@ struct FwdSm90 {
             load_k(n_hi - 1, 0);
             cp_async_commit();
             FragA<T> pa[kBlockN / 16];  // P of the previous tile, until its product is issued
-            int n_block = n_hi - 1, it = 0;
-            auto next_tiles = [&](int stage) {
+            for (int n_block = n_hi - 1, it = 0; n_block >= n_lo; --n_block, ++it) {
+                const int stage = it & 1;
                 cp_async_wait<0>();
                 fence_proxy_async();
                 __syncthreads();  // K(n) and V(n+1) landed; the other buffers are free
                 if (n_block > n_lo) load_k(n_block - 1, stage ^ 1);
                 load_v(n_block, stage);
                 cp_async_commit();
-            };
-            for (; n_block >= n_lo && n_block >= w_hi; --n_block, ++it) next_tiles(it & 1);
-            // One key tile: S(n) issued, then P(n+1)·V(n+1) unless n is this warpgroup's
-            // first tile, softmax of S(n) while the product runs, O rescaled, P(n) kept.
-            // The first tile is peeled off the loop: a flag tested inside it costs the
-            // d=64 kernel (128 registers) local loads in the loop. Peeled, its 24 bytes
-            // of spill are in the prologue and epilogue only (SASS: no LDL/STL between
-            // the first and last barriers of the key loop).
-            auto tile = [&](int stage, bool first) {
                 float s[kNT][4];
                 issue_s(s, stage);
-                if (!first) {
+                if (it > 0) {
                     issue_pv(pa, stage ^ 1);
                     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S(n) done
                 } else {
@@ -214,25 +192,13 @@ struct FwdSm90 {
                 OnlineSoftmax<kNT>::rescale(acc_o, alpha);
 #pragma unroll
                 for (int kk = 0; kk < kBlockN / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
-            };
-            const bool any = n_block >= n_lo;
-            if (any) {
-                next_tiles(it & 1);
-                tile(it & 1, true);
-                --n_block, ++it;
-            }
-            for (; n_block >= n_lo; --n_block, ++it) {
-                next_tiles(it & 1);
-                tile(it & 1, false);
             }
             cp_async_wait<0>();
             fence_proxy_async();
             __syncthreads();  // V of the last tile landed
-            if (any) {  // P of the last tile, n_lo
-                issue_pv(pa, (n_hi - n_lo - 1) & 1);
-                wgmma_wait_all();
-                pin(acc_o);
-            }
+            issue_pv(pa, (n_hi - n_lo - 1) & 1);
+            wgmma_wait_all();
+            pin(acc_o);
         }
 
         // Epilogue: normalise, stage O unswizzled (every warpgroup is past its last

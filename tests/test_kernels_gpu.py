@@ -365,9 +365,9 @@ def _pinned_features() -> list[Case]:
         Case(varlen=((5, 9), (0, 4), (70, 70), (3, 0)), heads=4, heads_kv=2, dtype="bf16", causal=True),
         Case(varlen=((40, 50), (17, 17)), dtype="fp16", bias_shape=("b", "h", "q", "k"), dropout_p=0.1,
              softcap=20.0, alibi="h", mask_shape=("b", "1", "1", "k"), window=(20, 5)),
-        # Hopper forward: a warpgroup skips the key tiles masked for all of its 64 rows
-        # (causal, window), or has no tile at all (rows before the first key under
-        # bottom-right alignment), while the other still works through them.
+        # Hopper forward over several query and key tiles: causal and window masks that
+        # cover whole key tiles for one of a block's warpgroups but not the other, and
+        # rows before the first key under bottom-right alignment.
         Case(batch=1, seqlen_q=600, seqlen_k=200, causal=True, head_dim=64, dtype="bf16"),
         Case(batch=1, seqlen_q=500, seqlen_k=700, window=(-1, 70), head_dim=64, dtype="fp16", alignment="top_left"),
         Case(batch=1, seqlen_q=650, seqlen_k=650, window=(100, 30), head_dim=256, dtype="bf16", heads_kv=1),
