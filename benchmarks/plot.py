@@ -1,6 +1,10 @@
 """TFLOP/s against seqlen from bench.py's rows (matplotlib, Agg backend).
 
-    python benchmarks/plot.py benchmarks/results/bench.json [--out DIR]
+    python benchmarks/plot.py benchmarks/results/grid.json [extra.json ...] [--out DIR]
+
+Rows of several runs are drawn together: the grid run's cuflash and SDPA rows with the
+JAX rows of a run of the jax section, for instance. Plotting one run's JSON alone writes
+only what it has (a jax-section run alone draws JAX lines without cuflash's).
 
 One figure per mode for the 16-bit grid (tflops_fwd.png, tflops_bwd.png,
 tflops_fwd_bwd.png): a panel per (dtype, causal) row and head-dim column, cuflash in
@@ -129,11 +133,11 @@ def plot_rows(rows: list[dict], out_dir) -> list[Path]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json")
-    ap.add_argument("--out", help="folder for the figures (default: the JSON's folder)")
+    ap.add_argument("bench_json", nargs="+", help="bench.py's JSON files; their rows are drawn together")
+    ap.add_argument("--out", help="folder for the figures (default: the first JSON's folder)")
     args = ap.parse_args()
-    data = json.loads(Path(args.bench_json).read_text())
-    for path in plot_rows(data["rows"], args.out or Path(args.bench_json).parent):
+    rows = [row for name in args.bench_json for row in json.loads(Path(name).read_text())["rows"]]
+    for path in plot_rows(rows, args.out or Path(args.bench_json[0]).parent):
         print(path)
     return 0
 
