@@ -10,10 +10,10 @@ launches, on the caller's current stream like the full path.
 
 The signature holds everything validation and the record read except the pointers: the
 array type, each array's shape, strides, dtype and device, the scalar options with their
-types, and any tile choice forced for tuning. Pointer alignment (vector or element loads) is worked out per call. Only
-PyTorch tensors and CuPy arrays with no array-valued option (bias, mask, ALiBi slopes,
-cu_seqlens) take this path, and only once a call with the same signature succeeded on
-the full path, so every error is still raised there.
+types, and any tile choice forced for tuning. Pointer alignment (vector or element loads)
+is worked out per call. Only PyTorch tensors and CuPy arrays with no array-valued option
+(bias, mask, ALiBi slopes, cu_seqlens) take this path, and only once a call with the same
+signature succeeded on the full path, so every error is still raised there.
 """
 
 from __future__ import annotations

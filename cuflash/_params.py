@@ -244,10 +244,6 @@ def as_argument(record: np.ndarray) -> np.ndarray:
     return record.reshape(1).view(np.dtype((np.void, record.dtype.itemsize)))
 
 
-POINTERS = ("q", "k", "v", "dout", "bias", "mask", "alibi", "cu_seqlens_q", "cu_seqlens_k", "out", "lse",
-            "dq", "dk", "dv", "dq_accum", "dsum", "lse_log2", "dbias_full")
-
-
 class Repointer:
     """A filled record, reusable for calls that differ only in their data pointers (and
     dropout seed): every other field is a function of shapes, strides, dtypes and options.

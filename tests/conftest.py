@@ -50,3 +50,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch) -> list[str]:
+    """The entry point of each cuflash call that takes the full path (DLPack import,
+    validation, the Params record) rather than a cached plan, in order."""
+    from cuflash import _api
+
+    calls = []
+    real = _api._Call
+    monkeypatch.setattr(_api, "_Call", lambda where, *a, **kw: calls.append(where) or real(where, *a, **kw))
+    return calls

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _api, _fast, _interop, _launch, reference
+from cuflash import _fast, _interop, _launch, reference
 
 from _tolerance import BF16, check_all, compare, naive_attention
 
@@ -395,27 +395,18 @@ def test_broadcast_bias_gradient_under_cancellation_matches_float64():
 # ---- repeat calls (the plan cache) -------------------------------------------------------
 
 
-def _count_full_path(monkeypatch) -> list[str]:
-    """Records each call that takes the full path (import, validation, record)."""
-    calls = []
-    real = _api._Call
-    monkeypatch.setattr(_api, "_Call", lambda where, *a, **kw: calls.append(where) or real(where, *a, **kw))
-    return calls
-
-
 @pytest.mark.parametrize("case", [
     Case(batch=2, seqlen_q=130, seqlen_k=77, heads=4, heads_kv=2, head_dim=64, dtype="bf16", causal=True),
     Case(seqlen_q=90, seqlen_k=90, head_dim=40, dtype="fp32", dropout_p=0.2, deterministic=True, window=(20, 5)),
     Case(seqlen_q=65, seqlen_k=200, head_dim=128, dtype="fp16", layout="bhsd", softcap=30.0, softmax_scale=-0.3),
 ], ids=["gqa-causal-bf16", "fp32-dropout-window", "fp16-bhsd-softcap"])
-def test_repeat_calls_take_the_plan_and_stay_within_tolerance(case, monkeypatch):
+def test_repeat_calls_take_the_plan_and_stay_within_tolerance(case, full_path_calls):
     """Calls after the first with the same signature skip the full path; with fresh
     inputs (and, with dropout, a fresh seed) each is judged by the tolerance method."""
     _fast.clear()
-    full = _count_full_path(monkeypatch)
     for seed in range(3):
         run_case(case, seed=seed)
-    assert full == ["cuflash.forward", "cuflash.backward"]
+    assert full_path_calls == ["cuflash.forward", "cuflash.backward"]
 
 
 def _misaligned(a):
@@ -430,30 +421,31 @@ def _misaligned(a):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_repeat_calls_give_the_full_paths_bits_at_any_alignment(dtype, monkeypatch):
+def test_repeat_calls_give_the_full_paths_bits_at_any_alignment(dtype, full_path_calls):
     """A plan made from 16-byte aligned arrays, reused for arrays of the same signature at
     misaligned addresses (element loads instead of vector loads), and the other way round:
     the results equal the full path's bit for bit."""
     case = Case(batch=2, seqlen_q=100, seqlen_k=120, heads=4, heads_kv=1, head_dim=64, dtype=dtype, causal=True,
                 deterministic=True)
+
+    def inputs(draw, misaligned):
+        q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(draw))
+        arrays = [dev(a) for a in (q, k, v, dout)]
+        return [_misaligned(a) for a in arrays] if misaligned else arrays, opts
+
     for first_misaligned in (False, True):
         _fast.clear()
-        full = _count_full_path(monkeypatch)
+        full_path_calls.clear()
+        order = (first_misaligned, not first_misaligned, first_misaligned)
         got, want = [], []
-        for draw, misaligned in enumerate((first_misaligned, not first_misaligned, first_misaligned)):
-            q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(draw))
-            arrays = [dev(a) for a in (q, k, v, dout)]
-            if misaligned:
-                arrays = [_misaligned(a) for a in arrays]
+        for draw, misaligned in enumerate(order):
+            arrays, opts = inputs(draw, misaligned)
             out, lse = cuflash.forward(*arrays[:3], **opts)
             got.append([host(x) for x in (out, lse, *cuflash.backward(arrays[3], *arrays[:3], out, lse, **opts))])
-        assert full == ["cuflash.forward", "cuflash.backward"]
-        for draw, misaligned in enumerate((first_misaligned, not first_misaligned, first_misaligned)):
+        assert full_path_calls == ["cuflash.forward", "cuflash.backward"]
+        for draw, misaligned in enumerate(order):
             _fast.clear()  # every call below takes the full path
-            q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(draw))
-            arrays = [dev(a) for a in (q, k, v, dout)]
-            if misaligned:
-                arrays = [_misaligned(a) for a in arrays]
+            arrays, opts = inputs(draw, misaligned)
             out, lse = cuflash.forward(*arrays[:3], **opts)
             _fast.clear()
             want.append([host(x) for x in (out, lse, *cuflash.backward(arrays[3], *arrays[:3], out, lse, **opts))])
@@ -462,7 +454,7 @@ def test_repeat_calls_give_the_full_paths_bits_at_any_alignment(dtype, monkeypat
                 assert np.array_equal(a, b, equal_nan=True) and not np.isnan(a).any()
 
 
-def test_a_call_the_full_path_rejects_is_rejected_again(monkeypatch):
+def test_a_call_the_full_path_rejects_is_rejected_again():
     """Only successful calls leave a plan: an invalid call raises every time, and a valid
     one with the same arrays but an invalid seed still gets the seed's error."""
     import cupy

@@ -244,7 +244,7 @@ def test_eager_calls_and_the_operators_give_the_same_values_and_gradients(monkey
         assert torch.equal(a, b)
 
 
-def test_fake_tensors_and_compiling_take_the_operators():
+def test_fake_tensors_and_tensor_subclasses_take_the_operators():
     q, k, v = qkv(layout="bshd")
     assert not ct._use_operators(q, k, v, None)
     with FakeTensorMode() as mode:

@@ -200,16 +200,13 @@ def test_eager_calls_and_the_operators_agree_on_the_gpu(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_repeat_calls_take_the_plan_with_the_full_paths_bits(monkeypatch):
+def test_repeat_calls_take_the_plan_with_the_full_paths_bits(full_path_calls):
     """After the first call of a signature, calls skip import and validation; on fresh
     tensors (one a strided view, one with an odd storage offset) they give the full
     path's bits."""
     import cuflash
-    from cuflash import _api, _fast
+    from cuflash import _fast
 
-    calls = []
-    real = _api._Call
-    monkeypatch.setattr(_api, "_Call", lambda where, *a, **kw: calls.append(where) or real(where, *a, **kw))
     _fast.clear()
     wide = cuda_randn(2, 96, 4, 65, seed=30)
     inputs = [
@@ -222,7 +219,7 @@ def test_repeat_calls_take_the_plan_with_the_full_paths_bits(monkeypatch):
     for q, k, v, dout in inputs:
         out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
         got.append((out, lse, *cuflash.backward(dout, q, k, v, out, lse, causal=True, deterministic=True)))
-    assert len(calls) == 2 * len(signatures) < 2 * len(inputs)
+    assert len(full_path_calls) == 2 * len(signatures) < 2 * len(inputs)
     for (q, k, v, dout), results in zip(inputs, got):
         _fast.clear()
         out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
