@@ -71,7 +71,7 @@ def resident_blocks(mod: Any, name: str, threads: int, smem: int, device_index: 
     if per_sm is None:
         from cupy_backends.cuda.api import driver
 
-        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(_kernel(mod, name, smem).ptr, threads, smem)
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(_kernel(mod, name, smem).kernel.ptr, threads, smem)
         _residency[key] = per_sm = max(int(per_sm), 1)
     return per_sm * _device_attribute(device_index, "MultiProcessorCount")
 
