@@ -11,17 +11,16 @@ CF_DEVICE i64 ws_offset(const Params& p, const SeqInfo& seq, int b, int h) {
     return seq.q_row0 + (i64)b * p.ws_batch_stride + (i64)h * p.ws_head_stride;
 }
 
-// The key tile of a dK/dV block, in tile_order (mask.cuh) from the first key tile (the
-// one the most query rows see under causal masking) over (batch, kv head).
+// The key tile of a dK/dV block: key tiles first, then (batch, kv head).
 struct KeyBlock {
     int b, hk, n0;
 
     CF_DEVICE KeyBlock(const Params& p, int block_n) {
-        int rank, bhk;
-        tile_order(blockIdx.x, p.num_n_blocks, p.batch * p.num_heads_kv, p.n_block_group, rank, bhk);
+        const i64 linear = blockIdx.x;
+        const int bhk = (int)(linear / p.num_n_blocks);
         b = bhk / p.num_heads_kv;
         hk = bhk % p.num_heads_kv;
-        n0 = rank * block_n;
+        n0 = (int)(linear % p.num_n_blocks) * block_n;
     }
 };
 

@@ -40,31 +40,16 @@ struct SeqInfo {
     }
 };
 
-// Block `linear` of a grid of `tiles` tiles for each of `rows` (batch, head) rows, as a
-// tile rank (0: the heaviest under causal masking) and a row. Rows are taken `group` at a
-// time; within a group every row's rank-0 tile comes first, then every row's rank-1 tile,
-// and so on. The block scheduler starts blocks in index order, so with enough rows in a
-// group the heavy tiles start first and the light ones fill the last wave; group = 1
-// walks one row's tiles before the next row's. The host sizes the group (_launch.py).
-CF_DEVICE void tile_order(i64 linear, int tiles, int rows, int group, int& rank, int& row) {
-    const i64 per_group = (i64)group * tiles;
-    const int g = (int)(linear / per_group);
-    const int first = g * group;
-    const int size = min(group, rows - first);
-    const int within = (int)(linear - g * per_group);
-    rank = within / size;
-    row = first + within % size;
-}
-
-// The query tile of a block of the forward and the deterministic dQ kernels, in
-// tile_order from the last query tile (the heaviest under causal masking).
+// The query tile of a block of the forward and the deterministic dQ kernels: blocks walk
+// the query tiles from the last (the heaviest under causal masking, so they start first),
+// then (batch, head).
 struct QueryBlock {
     int bh, b, h, hk, m0;
 
     CF_DEVICE QueryBlock(const Params& p, int block_m) {
-        int rank;
-        tile_order(blockIdx.x, p.num_m_blocks, p.batch * p.num_heads, p.m_block_group, rank, bh);
-        const int m_block = p.num_m_blocks - 1 - rank;
+        const i64 linear = blockIdx.x;
+        const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
+        bh = (int)(linear / p.num_m_blocks);
         b = bh / p.num_heads;
         h = bh % p.num_heads;
         hk = h / (p.num_heads / p.num_heads_kv);

@@ -100,10 +100,6 @@ struct Params {
     float dropout_scale;
     cf_u32 dropout_threshold;
     cf_u32 dropout_offset;
-    // Block order (tile_order, mask.cuh): the (batch, head) rows whose query tiles
-    // (m_block_group) or key tiles (n_block_group) are walked together.
-    int m_block_group;
-    int n_block_group;
     int pad0;
 };
 

@@ -20,37 +20,21 @@ from ._params import Views
 from ._validate import Dims
 
 _MAX_GRID = 2**31 - 1
-_attributes: dict[tuple[int, str], int] = {}
-_attributes_lock = threading.Lock()
-
-
-def _device_attribute(device_index: int, name: str) -> int:
-    with _attributes_lock:
-        key = (device_index, name)
-        if key not in _attributes:
-            import cupy
-
-            _attributes[key] = int(cupy.cuda.Device(device_index).attributes[name])
-        return _attributes[key]
+_smem_limits: dict[int, int] = {}
+_limits_lock = threading.Lock()
 
 
 def smem_limit(device_index: int) -> int:
-    return _device_attribute(device_index, "MaxSharedMemoryPerBlockOptin")
+    with _limits_lock:
+        if device_index not in _smem_limits:
+            import cupy
+
+            attrs = cupy.cuda.Device(device_index).attributes
+            _smem_limits[device_index] = int(attrs["MaxSharedMemoryPerBlockOptin"])
+        return _smem_limits[device_index]
 
 
 _functions: dict[tuple[int, str], Any] = {}
-_residency: dict[tuple[int, str, int, int], int] = {}
-
-
-def _kernel(mod: Any, name: str, smem: int) -> Any:
-    key = (id(mod), name)
-    kernel = _functions.get(key)
-    if kernel is None:
-        kernel = mod.get_function(name)
-        if smem > 48 * 1024:
-            kernel.max_dynamic_shared_size_bytes = smem
-        _functions[key] = kernel
-    return kernel
 
 
 def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
@@ -60,26 +44,14 @@ def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: n
         return
     if blocks > _MAX_GRID:
         raise ValueError(f"{name}: {blocks} thread blocks exceed the grid limit {_MAX_GRID}")
-    _kernel(mod, name, smem)((blocks,), (threads,), (params,), shared_mem=smem, stream=stream)
-
-
-def resident_blocks(mod: Any, name: str, threads: int, smem: int, device_index: int) -> int:
-    """How many blocks of kernel `name` the whole GPU runs at once (the occupancy API's
-    blocks per SM, times the SMs)."""
-    key = (id(mod), name, threads, smem)
-    per_sm = _residency.get(key)
-    if per_sm is None:
-        from cupy_backends.cuda.api import driver
-
-        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(_kernel(mod, name, smem).kernel.ptr, threads, smem)
-        _residency[key] = per_sm = max(int(per_sm), 1)
-    return per_sm * _device_attribute(device_index, "MultiProcessorCount")
-
-
-def block_group(tiles: int, rows: int, resident: int) -> int:
-    """The Params `m_block_group` / `n_block_group` of a grid of `tiles` tiles for each of
-    `rows` (batch, head) rows (tile_order, mask.cuh)."""
-    return max(1, min(rows, -(-resident // tiles)))
+    key = (id(mod), name)
+    kernel = _functions.get(key)
+    if kernel is None:
+        kernel = mod.get_function(name)
+        if smem > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = smem
+        _functions[key] = kernel
+    kernel((blocks,), (threads,), (params,), shared_mem=smem, stream=stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +104,6 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    resident = resident_blocks(mod, "cuflash_fwd", tiles.threads, smem, device_index)
-    p["m_block_group"] = block_group(p["num_m_blocks"], rows, resident)
     plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem),), p.pack())
     plan.run(stream)
     return plan
@@ -186,11 +156,6 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, plan.dq.block_m)
     p["num_n_blocks"] = _cdiv(dims.seqlen_k, plan.dkdv.block_n)
     bh = dims.batch * dims.num_heads
-    resident = resident_blocks(dkdv_mod, "cuflash_bwd_dkdv", plan.dkdv.threads, plan.dkdv_smem, device_index)
-    p["n_block_group"] = block_group(p["num_n_blocks"], dims.batch * dims.num_heads_kv, resident)
-    if not atomic:
-        resident = resident_blocks(mod, "cuflash_bwd_dq", plan.dq.threads, plan.dq_smem, device_index)
-        p["m_block_group"] = block_group(p["num_m_blocks"], bh, resident)
     launches = [
         Launch(mod, "cuflash_bwd_prep", _cdiv(dims.seqlen_q, 64) * bh, 128, 0),
         Launch(dkdv_mod, "cuflash_bwd_dkdv", p["num_n_blocks"] * dims.batch * dims.num_heads_kv,

@@ -224,7 +224,6 @@ def fill(views: Views, opts: Options, dims: Dims, *, dq_atomic: bool = False, wa
     p["seqlen_q"], p["seqlen_k"] = dims.seqlen_q, dims.seqlen_k
     p["window_left"], p["window_right"] = left, right
     p["bottom_right"] = int(opts.causal_alignment == "bottom_right")
-    p["m_block_group"] = p["n_block_group"] = 1  # _launch sizes them for the kernels that read them
     p["softmax_scale"] = scale
     p["scale_log2"] = scale * math.log2(math.e)
     p["softcap"] = opts.softcap

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuflash import _build, _launch, _params, _tiles
+from cuflash import _build, _params, _tiles
 
 nvrtc_available = True
 try:
@@ -215,17 +215,6 @@ def test_tile_table_fits_every_arch_shared_memory():
                     assert np.dtype(dtype) == np.float32 and bucket > 128 and limit < 150_000
                     continue
                 assert plan.dkdv_smem <= limit and plan.dq_smem <= limit
-
-
-@pytest.mark.parametrize("tiles,rows,resident", [(16, 256, 264), (128, 32, 264), (8, 512, 396), (1, 7, 264),
-                                                  (300, 4, 132), (2, 1, 264), (1, 3, 1)])
-def test_a_block_group_holds_one_wave_of_blocks(tiles, rows, resident):
-    """The (batch, head) rows walked together (tile_order, mask.cuh) hold at least the
-    blocks the GPU runs at once, with less than one row to spare, or are all the rows."""
-    group = _launch.block_group(tiles, rows, resident)
-    assert 1 <= group <= rows
-    assert group == rows or group * tiles >= resident
-    assert group == 1 or (group - 1) * tiles < resident
 
 
 def test_hopper_forward_table_fits_and_is_chosen_only_where_it_runs():

@@ -558,47 +558,6 @@ def test_forward_and_deterministic_backward_are_bitwise_repeatable(dtype):
                 assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("case", [
-    Case(batch=3, seqlen_q=333, seqlen_k=400, heads=6, heads_kv=2, head_dim=64, dtype="bf16", causal=True,
-         deterministic=True),
-    Case(varlen=((300, 300), (17, 40), (129, 129)), heads=4, heads_kv=1, head_dim=96, dtype="fp32", causal=True,
-         alignment="top_left", deterministic=True),
-], ids=["gqa-bf16", "varlen-fp32"])
-def test_every_block_order_gives_the_same_bits(case, monkeypatch):
-    """Blocks walk their tiles with (batch, head) rows taken some number at a time
-    (tile_order, mask.cuh). Every group size, dividing the rows or not, larger than them or
-    not, covers every tile once: the same bits as one row at a time, and the chosen size
-    within tolerance of float64."""
-    q, k, v, dout, opts = draw_inputs(case, np.random.default_rng(5))
-    opts = {name: (dev(val) if isinstance(val, np.ndarray) else val) for name, val in opts.items()}
-    q, k, v, dout = (dev(a) for a in (q, k, v, dout))
-    chosen = _launch.block_group
-    groups = []
-
-    def fixed(size):
-        def group(tiles, rows, resident):
-            groups.append((size, rows))
-            return size
-        return group
-
-    results = {}
-    for size in (1, 2, 5, 12, 1000):
-        monkeypatch.setattr(_launch, "block_group", fixed(size))
-        _fast.clear()
-        out, lse = cuflash.forward(q, k, v, **opts)
-        grads = cuflash.backward(dout, q, k, v, out, lse, **opts)
-        results[size] = [host(a) for a in (out, lse, *grads)]
-    _fast.clear()
-    # Forward (query tiles), dK/dV (key tiles) and the deterministic dQ (query tiles).
-    batch = len(case.varlen) if case.varlen else case.batch
-    assert len(groups) == 3 * 5 and {rows for _, rows in groups} == {batch * case.heads, batch * case.heads_kv}
-    for size, got in results.items():
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[1], got):
-            assert np.array_equal(a, b), f"group {size}: {name} differs from one row at a time"
-    monkeypatch.setattr(_launch, "block_group", chosen)
-    run_case(case, seed=6)
-
-
 @pytest.mark.parametrize("shape", [(0, 8, 2, 64), (2, 0, 2, 64), (2, 8, 0, 64)])
 def test_zero_size_dimensions_return_without_a_launch(shape, monkeypatch):
     import cupy
