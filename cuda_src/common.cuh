@@ -103,10 +103,23 @@ CF_DEVICE float fast_exp2(float x) {
     return y;
 }
 
+// max(a, b) that returns NaN when either is NaN (fmaxf returns the other operand). The
+// softmax's running max goes through it, so a NaN score reaches its row's output and LSE
+// as it does in softmax(QKᵀ)V computed plainly, instead of being skipped.
+CF_DEVICE float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+#else
+    return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+#endif
+}
+
 CF_DEVICE float warp_max_quad(float x) {
     // The four threads of a quad (lanes 4g..4g+3) hold one accumulator row between them.
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
     return x;
 }
 CF_DEVICE float warp_sum_quad(float x) {

@@ -49,6 +49,7 @@ struct GradElem {
     const ScoreMods& mods;
     const SeqInfo& seq;
     int b, h, bh;
+    DropoutRng rng;
 
     // Key limits of rows i and i + 8 (see IndexMask::row_limits).
     CF_DEVICE void row_limits(int i, int (&lo)[2], int (&hi)[2]) const {
@@ -65,7 +66,7 @@ struct GradElem {
                          const float (&dsum)[2]) const {
         bool keep[4] = {true, true, true, true};
         const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
-        if (dropout) dropout_keep4(p, bh, i, j, keep);
+        if (dropout) rng.keep4(bh, i, j, keep);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int r = e >> 1, ii = i + 8 * r, jj = j + (e & 1);
@@ -296,6 +297,7 @@ struct BwdKernel {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc_dk[mt][dt][e] = acc_dv[mt][dt][e] = 0.f;
 
+        const DropoutRng rng(p);
         for (int it = 0; it < iterations; ++it) {
             const int stage = kStages == 2 ? (it & 1) : 0;
             if (kStages == 1) {
@@ -312,7 +314,7 @@ struct BwdKernel {
             const QueryTile qt = walk.at(it);
             const int h = qt.h, m0 = qt.m0, rows_q = qt.rows_q;
             const ScoreMods mods(p, seq, b, h);
-            const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, b * p.num_heads + h};
+            const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, b * p.num_heads + h, rng};
             const T* sQ = sQ0 + stage * kBlockM * kLd;
             const T* sdO = sdO0 + stage * kBlockM * kLd;
             const float* sLse = sLse0 + stage * kBlockM;
@@ -466,7 +468,7 @@ struct DqKernel {
         const int rows_q = min(kBlockM, seq.seqlen_q - m0);
         const IndexMask index_mask(p, seq);
         const ScoreMods mods(p, seq, b, h);
-        const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, bh};
+        const GradElem<kGeneral> grad{p, index_mask, mods, seq, b, h, bh, DropoutRng(p)};
 
         T* sQ = reinterpret_cast<T*>(smem);
         T* sdO = sQ + kBlockM * kLd;

@@ -70,6 +70,7 @@ struct FwdKernel {
             for (int dt = 0; dt < kDT; ++dt) acc_o[mt][dt][0] = acc_o[mt][dt][1] = acc_o[mt][dt][2] = acc_o[mt][dt][3] = 0.f;
         OnlineSoftmax<kNT> softmax[kMT];
         const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
+        const DropoutRng rng(p);
 
         if (n_lo < n_hi) {
             load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ, q, p.q_row_stride, rows_q, p.head_dim,
@@ -178,7 +179,7 @@ struct FwdKernel {
 #pragma unroll
                         for (int nt = 0; nt < kNT; ++nt) {
                             bool keep[4];
-                            dropout_keep4(p, bh, warp_row0 + mt * 16 + g, n0 + nt * 8 + 2 * t, keep);
+                            rng.keep4(bh, warp_row0 + mt * 16 + g, n0 + nt * 8 + 2 * t, keep);
 #pragma unroll
                             for (int e = 0; e < 4; ++e)
                                 if (!keep[e]) s[mt][nt][e] = 0.f;

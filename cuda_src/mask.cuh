@@ -9,7 +9,9 @@
 #include "common.cuh"
 
 // One sequence of the batch: its lengths, where its rows start in a packed (varlen)
-// batch, and its diagonal (the key aligned with query 0).
+// batch, and its diagonal (the key aligned with query 0). Global positions (a chunk of a
+// longer sequence: query row i at q_position + i, key j at k_position + j) shift the
+// diagonal by q_position - k_position, so causal, windows and ALiBi see global distances.
 struct SeqInfo {
     int seqlen_q, seqlen_k;
     i64 q_row0, k_row0;
@@ -27,7 +29,7 @@ struct SeqInfo {
             seqlen_q = p.seqlen_q;
             seqlen_k = p.seqlen_k;
         }
-        diag = p.bottom_right ? seqlen_k - seqlen_q : 0;
+        diag = (p.bottom_right ? seqlen_k - seqlen_q : 0) + (p.q_position - p.k_position);
     }
 
     // Element offset of (row 0, head h) of a tensor in batch b. A packed (varlen) batch

@@ -23,6 +23,10 @@ struct Params {
     const float* alibi;
     const int* cu_seqlens_q;
     const int* cu_seqlens_k;
+    // Dropout's (seed, offset) read on the device at launch, or null to use `seed` and
+    // `dropout_offset` below: a captured CUDA graph replays with whatever the state holds
+    // then, so a generator that advances it between replays draws a fresh mask each time.
+    const cf_u64* rng_state;
     // ---- forward outputs; `out` and `lse` are inputs of the backward ----
     void* out;
     float* lse;
@@ -100,6 +104,10 @@ struct Params {
     float dropout_scale;
     cf_u32 dropout_threshold;
     cf_u32 dropout_offset;
+    // Global positions of query row 0 and key row 0 (a chunk of a longer sequence): they
+    // shift the aligned diagonal (causal, windows, ALiBi) and dropout's coordinates.
+    int q_position;
+    int k_position;
     int pad0;
 };
 

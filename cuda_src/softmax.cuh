@@ -6,6 +6,11 @@
 //
 // Fully masked rows: while a row has seen only -inf, its running max is -inf and the
 // exponent is taken against 0 instead (exp2(-inf - 0) = 0), never -inf - (-inf) = NaN.
+//
+// Non-finite scores (from NaN or inf in q or k) are not masks: a NaN score makes the
+// running max NaN (max_nan), and a +inf score gives exp2(inf - inf) = NaN, so the row's
+// output and LSE are NaN, as in softmax(QKᵀ)V evaluated directly. Only masking (index
+// rules, boolean masks) removes a key.
 #pragma once
 #include "common.cuh"
 
@@ -47,7 +52,7 @@ struct OnlineSoftmax {
         for (int r = 0; r < 2; ++r) {
             float mx = row_max[r];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            for (int nt = 0; nt < NT; ++nt) mx = max_nan(mx, max_nan(s[nt][2 * r], s[nt][2 * r + 1]));
             mx = warp_max_quad(mx);
             const float m_ref = mx == -CF_INF ? 0.f : mx;
             alpha[r] = fast_exp2(row_max[r] - m_ref);

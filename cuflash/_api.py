@@ -14,7 +14,7 @@ from . import _fast, _interop, _validate, reference
 from ._interop import ArrayRef, Device, InteropError
 from ._options import Options, is_real, make_options
 
-_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k")
+_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state")
 
 
 class _Call:
@@ -92,6 +92,8 @@ class _Call:
             mask=self.option_view("mask"),
             dropout_p=o.dropout_p,
             seed=o.seed,
+            rng_state=self.option_view("rng_state"),
+            position_offsets=o.position_offsets,
             cu_seqlens_q=self.option_view("cu_seqlens_q"),
             cu_seqlens_k=self.option_view("cu_seqlens_k"),
             max_seqlen_q=self.dims.seqlen_q if o.is_varlen else None,
@@ -130,6 +132,8 @@ def forward(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    rng_state: Any = None,
+    position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
@@ -166,6 +170,8 @@ def attention(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    rng_state: Any = None,
+    position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
@@ -177,7 +183,7 @@ def attention(
 
     With dropout_p > 0 and no seed, a fresh random seed is drawn."""
     options = {k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")}
-    if options["seed"] is None and is_real(dropout_p) and dropout_p > 0:
+    if options["seed"] is None and options["rng_state"] is None and is_real(dropout_p) and dropout_p > 0:
         options["seed"] = int(np.random.default_rng().integers(0, 2**63))
     key = _fast_key("forward", (q, k, v), options)
     if key is not None:
@@ -204,6 +210,7 @@ def probabilities(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    position_offsets: Sequence[int] = (0, 0),
     layout: str = "bshd",
 ) -> Any:
     """The attention probabilities P (batch, heads, seqlen_q, seqlen_k), for debugging.
@@ -224,7 +231,7 @@ def probabilities(
     if call.on_host:
         probs = reference.probabilities(q=call.q.view, k=call.refs["k"].view, v=call.refs["v"].view,
                                         **{n: val for n, val in call.reference_options().items()
-                                           if n not in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")})
+                                           if n not in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "rng_state")})
         return _interop.to_caller(probs.astype(call.lse_dtype()), call.q)
     from . import _launch
 
@@ -249,6 +256,8 @@ def backward(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    rng_state: Any = None,
+    position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
@@ -285,6 +294,7 @@ def _fast_key(kind: str, arrays: tuple, options: dict[str, Any]) -> tuple | None
         tuple(window) if type(window) in (list, tuple) else window, options["softcap"], options["dropout_p"],
         options["seed"] is None, options["max_seqlen_q"], options["max_seqlen_k"], options["deterministic"],
         options["layout"],
+        tuple(options["position_offsets"]) if type(options["position_offsets"]) in (list, tuple) else options["position_offsets"],
     )
     return _fast.signature(kind, arrays, scalars, options["seed"])
 

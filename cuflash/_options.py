@@ -13,6 +13,8 @@ from typing import Any
 
 LAYOUTS = ("bshd", "bhsd")
 CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+# Global positions (position_offsets) stay within the kernels' 32-bit row arithmetic.
+MAX_POSITION = 2**30
 
 # The keyword options every entry point accepts, in documentation order.
 OPTION_NAMES = (
@@ -26,6 +28,8 @@ OPTION_NAMES = (
     "mask",
     "dropout_p",
     "seed",
+    "rng_state",
+    "position_offsets",
     "cu_seqlens_q",
     "cu_seqlens_k",
     "max_seqlen_q",
@@ -49,6 +53,8 @@ class Options:
     mask: Any = None
     dropout_p: float = 0.0
     seed: int | None = None
+    rng_state: Any = None
+    position_offsets: tuple[int, int] = (0, 0)
     cu_seqlens_q: Any = None
     cu_seqlens_k: Any = None
     max_seqlen_q: int | None = None
@@ -95,6 +101,18 @@ def option_errors(opts: Options) -> list[str]:
         errors.append(f"softmax_scale={opts.softmax_scale!r} must be a finite number or None")
     if opts.seed is not None and (not _is_int(opts.seed) or not 0 <= opts.seed < 2**64):
         errors.append(f"seed={opts.seed!r} must be an int in [0, 2**64) or None")
+    if opts.seed is not None and opts.rng_state is not None:
+        errors.append("seed and rng_state are both given: give one (rng_state is a device [seed, offset] pair)")
+    po = opts.position_offsets
+    if not (isinstance(po, tuple) and len(po) == 2 and all(_is_int(x) for x in po)):
+        errors.append(f"position_offsets={po!r} must be a pair of ints (q_start, k_start)")
+    elif not all(0 <= x <= MAX_POSITION for x in po):
+        errors.append(f"position_offsets={po!r}: each must lie in [0, {MAX_POSITION}]")
+    elif is_real(opts.dropout_p) and opts.dropout_p > 0 and (po[0] % 16 or po[1] % 2):
+        errors.append(
+            f"position_offsets={po!r} with dropout_p={opts.dropout_p}: dropout draws by global position "
+            "and needs q_start % 16 == 0 and k_start % 2 == 0"
+        )
     for name in ("max_seqlen_q", "max_seqlen_k"):
         value = getattr(opts, name)
         if value is not None and (not _is_int(value) or value < 0):
@@ -120,6 +138,14 @@ def make_options(**kwargs: Any) -> Options:
     if isinstance(ws, tuple) and all(_is_int(w) for w in ws):
         ws = tuple(int(w) for w in ws)
     kwargs["window_size"] = ws
+    po = kwargs.get("position_offsets", (0, 0))
+    if po is None:
+        po = (0, 0)
+    if isinstance(po, list):
+        po = tuple(po)
+    if isinstance(po, tuple) and all(_is_int(x) for x in po):
+        po = tuple(int(x) for x in po)
+    kwargs["position_offsets"] = po
     for name in ("softcap", "dropout_p"):
         if name in kwargs and kwargs[name] is None:
             kwargs[name] = 0.0

@@ -80,6 +80,7 @@ class Views:
     alibi: Any = None
     cu_seqlens_q: Any = None
     cu_seqlens_k: Any = None
+    rng_state: Any = None
     dq_accum: Any = None
     dsum: Any = None
     lse_log2: Any = None
@@ -169,7 +170,7 @@ def fill(views: Views, opts: Options, dims: Dims, *, dq_atomic: bool = False, wa
     """The Params record (a 0-d structured array) for one call (forward or backward)."""
     p = _Record()
     varlen = dims.varlen
-    for name in ("q", "k", "v", "dout", "bias", "mask", "alibi", "cu_seqlens_q", "cu_seqlens_k", "out", "lse",
+    for name in ("q", "k", "v", "dout", "bias", "mask", "alibi", "cu_seqlens_q", "cu_seqlens_k", "rng_state", "out", "lse",
                  "dq", "dk", "dv", "dq_accum", "dsum", "lse_log2", "dbias_full"):
         p[name] = _ptr(getattr(views, name))
     for prefix, a in (("q", views.q), ("k", views.k), ("v", views.v), ("o", views.out), ("do", views.dout),
@@ -224,6 +225,7 @@ def fill(views: Views, opts: Options, dims: Dims, *, dq_atomic: bool = False, wa
     p["seqlen_q"], p["seqlen_k"] = dims.seqlen_q, dims.seqlen_k
     p["window_left"], p["window_right"] = left, right
     p["bottom_right"] = int(opts.causal_alignment == "bottom_right")
+    p["q_position"], p["k_position"] = opts.position_offsets
     p["softmax_scale"] = scale
     p["scale_log2"] = scale * math.log2(math.e)
     p["softcap"] = opts.softcap

@@ -97,11 +97,13 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
     if not varlen:
         batch, seqlen_q, seqlen_k = qh.shape[0], qh.shape[2], kh.shape[2]
         off = seqlen_k - seqlen_q if opts.causal_alignment == "bottom_right" else 0
+        off += opts.position_offsets[0] - opts.position_offsets[1]
         keep = None
         if opts.dropout_p > 0:
             # A trace-time constant: the reference's own Philox mask, keyed by global
             # coordinates exactly as the kernels key theirs.
-            keep = reference.dropout_keep_mask(opts.seed, opts.dropout_p, (batch, heads, seqlen_q, seqlen_k))
+            keep = reference.dropout_keep_mask(opts.seed, opts.dropout_p, (batch, heads, seqlen_q, seqlen_k),
+                                               position_offsets=opts.position_offsets)
         if slopes is not None:
             slopes = jnp.broadcast_to(slopes, (batch, heads))[:, :, None, None]
         return _Geometry(q=qh, k=kh, v=vh, group=group, scale=scale,
@@ -126,6 +128,7 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
         off = (jnp.diff(cu_k) - jnp.diff(cu_q))[seg_q]
     else:
         off = jnp.zeros_like(seg_q)
+    off = off + (opts.position_offsets[0] - opts.position_offsets[1])
     same = (seg_q[:, None] == seg_k[None, :]) & in_q[:, None] & in_k[None, :]
     # (B, H, max_q, max_k)-broadcastable arrays, read at [b, h, i, j] in sequence coordinates.
     row_q = jnp.clip(pos_q, 0, max(max_q - 1, 0))[:, None]
@@ -138,7 +141,7 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
     keep = None
     if opts.dropout_p > 0:
         keep = gather(jnp.asarray(reference.dropout_keep_mask(
-            opts.seed, opts.dropout_p, (batch, heads, max_q, max_k))))
+            opts.seed, opts.dropout_p, (batch, heads, max_q, max_k), position_offsets=opts.position_offsets)))
     if slopes is not None:
         slopes = jnp.transpose(jnp.broadcast_to(slopes, (batch, heads))[seg_q])[None, :, :, None]
     return _Geometry(q=qh, k=kh, v=vh, group=group, scale=scale,
@@ -184,7 +187,9 @@ def _scores(g: _Geometry, opts: Options):
 
 def _logsumexp(s):
     row_max = jnp.max(s, axis=-1, initial=-jnp.inf)
-    live = jnp.isfinite(row_max)
+    # Only rows with no allowed key are dead (lse -inf); a NaN or +inf score is no mask
+    # and makes the row NaN, as softmax(QKᵀ)V evaluated directly does.
+    live = row_max != -jnp.inf
     # lse does not depend on the shift, so it carries no gradient.
     shift = lax.stop_gradient(jnp.where(live, row_max, 0.0))
     total = jnp.sum(jnp.exp(s - shift[..., None]), axis=-1)
@@ -193,7 +198,7 @@ def _logsumexp(s):
 
 def _probabilities(s, lse):
     """exp(s - lse), exactly 0 on rows whose lse is -inf."""
-    live = jnp.isfinite(lse)[..., None]
+    live = (lse != -jnp.inf)[..., None]
     return jnp.where(live, jnp.exp(s - jnp.where(live, lse[..., None], 0.0)), 0.0)
 
 

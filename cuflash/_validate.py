@@ -77,9 +77,9 @@ def check(
 
     Raises ValidationError listing every problem; returns the dimensions otherwise."""
     reasons = option_errors(opts)
-    if isinstance(opts.dropout_p, (int, float)) and opts.dropout_p > 0 and opts.seed is None:
+    if isinstance(opts.dropout_p, (int, float)) and opts.dropout_p > 0 and opts.seed is None and opts.rng_state is None:
         reasons.append(
-            f"seed=None with dropout_p={opts.dropout_p}: give a seed so that the backward regenerates the same dropout mask"
+            f"seed=None with dropout_p={opts.dropout_p}: give a seed (or an rng_state) so that the backward regenerates the same dropout mask"
         )
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     everything = list(arrays.values()) + list(option_arrays.values())
@@ -178,6 +178,7 @@ def check(
         total_k=total_k,
     )
     _check_option_arrays(dims, opts, option_arrays, reasons)
+    _check_rng_state(option_arrays, reasons)
     if "dout" in arrays:
         _check_backward(dims, arrays, reasons, on_host)
     if reasons:
@@ -270,6 +271,19 @@ def _check_option_arrays(dims: Dims, opts: Options, option_arrays, reasons) -> N
             reasons.append(
                 f"alibi_slopes shape {slopes.shape} must be (num_heads,)=({dims.num_heads},) or (batch, num_heads)=({dims.batch}, {dims.num_heads})"
             )
+
+
+def _check_rng_state(option_arrays, reasons) -> None:
+    """rng_state: a device (or host) [seed, offset] pair read when the kernel runs."""
+    state = option_arrays.get("rng_state")
+    if state is None:
+        return
+    if state.dtype not in (np.dtype(np.int64), np.dtype(np.uint64)):
+        reasons.append(f"rng_state.dtype={dtype_name(state.dtype)} must be int64 or uint64 ([seed, offset])")
+    if state.shape != (2,):
+        reasons.append(f"rng_state shape {state.shape} must be (2,): [seed, offset]")
+    elif state.strides[0] != 1:
+        reasons.append(f"rng_state must be contiguous; got strides={state.strides}")
 
 
 def _check_backward(dims: Dims, arrays, reasons, on_host: bool) -> None:

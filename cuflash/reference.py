@@ -5,7 +5,9 @@ score matrix is materialised on purpose, and each option is one line of the scor
 For batch b, query head h (kv head h // group), query i and key j, local to the sequence:
 
     off     = Nk - Nq for causal_alignment="bottom_right" (FlashAttention), 0 for "top_left"
-              (PyTorch's is_causal); query i is aligned with key i + off
+              (PyTorch's is_causal), plus q_start - k_start (position_offsets: query i
+              sits at global position q_start + i, key j at k_start + j); query i is
+              aligned with key i + off
     x       = softmax_scale * q[b, i, h] . k[b, j, h // group]      (scale: 1/sqrt(D))
     s       = softcap * tanh(x / softcap)                            (if softcap > 0)
             - slope[b, h] * |i + off - j|                            (ALiBi)
@@ -14,7 +16,12 @@ For batch b, query head h (kv head h // group), query i and key j, local to the 
               and (left == -1 or j >= i + off - left) and (right == -1 or j <= i + off + right)
     s       = -inf where not allowed
     lse     = log(sum_j exp(s))         (-inf for a row with no allowed key)
-    p       = exp(s - lse)              (0 on such a row, never NaN)
+    p       = exp(s - lse)              (0 on such a row)
+
+Non-finite inputs are not masks: a NaN score makes its row's lse and p NaN, and a +inf
+score gives p = exp(inf - inf) = NaN, as softmax(QKᵀ)V evaluated directly does. Dropout
+draws by global coordinates (b, h, q_start + i, k_start + j); an rng_state [seed, offset]
+stands for seed and dropout_offset (its offset's low 32 bits).
     out     = sum_j p * keep / (1 - dropout_p) * v[b, j, h // group]
 
 Varlen (cu_seqlens_q/k given) is defined as running each sequence alone, with bias, mask
@@ -44,6 +51,8 @@ _DEFAULTS: dict[str, Any] = dict(
     mask=None,
     dropout_p=0.0,
     seed=None,
+    rng_state=None,
+    position_offsets=(0, 0),
     dropout_mask=None,
     dropout_offset=0,
     cu_seqlens_q=None,
@@ -57,7 +66,7 @@ _DEFAULTS: dict[str, Any] = dict(
 
 def forward(q, k, v, *, softmax_scale=None, causal=False, causal_alignment="bottom_right",
             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
-            dropout_p=0.0, seed=None, dropout_mask=None, dropout_offset=0,
+            dropout_p=0.0, seed=None, rng_state=None, position_offsets=(0, 0), dropout_mask=None, dropout_offset=0,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
             layout="bshd", deterministic=False) -> tuple[np.ndarray, np.ndarray]:
     """Attention output and log-sum-exp, both float64.
@@ -134,7 +143,8 @@ def probabilities(q, k, v, **options) -> np.ndarray:
 
 
 def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, int],
-                      offset: int = 0, batch_offset: int = 0) -> np.ndarray:
+                      offset: int = 0, batch_offset: int = 0,
+                      position_offsets: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Which attention probabilities dropout keeps: a bool array of `shape` = (B, H, Nq, Nk).
 
     Keyed by global coordinates only, never by tiling, so kernels with any block sizes (and
@@ -144,7 +154,8 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
         counter = (j >> 1, (i >> 4) * 8 + (i & 7), (batch_offset + b) * H + h, offset)
         key = (seed & 0xffffffff, seed >> 32),  threshold = floor(dropout_p * 2**32)
 
-    (every counter word mod 2**32). One Philox call serves rows i, i + 8 of a 16-row group
+    (every counter word mod 2**32), where i and j are global positions: the local row and
+    column plus position_offsets (q_start, k_start). One Philox call serves rows i, i + 8 of a 16-row group
     and columns j, j + 1: exactly the four accumulator elements one thread holds in an
     m16n8 tensor-core fragment, so a kernel thread makes one call per fragment.
     """
@@ -158,15 +169,18 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
     # dropout_p * 2**32 is exact in float64 (a power-of-two scaling), so floor is exact.
     threshold = min(math.floor(dropout_p * 2**32), 2**32 - 1)
 
-    rows, cols = np.arange(seqlen_q), np.arange(seqlen_k)
+    q_start, k_start = (int(x) for x in position_offsets)
+    rows, cols = q_start + np.arange(seqlen_q), k_start + np.arange(seqlen_k)
     row_counter = (rows >> 4) * 8 + (rows & 7)  # rows i and i + 8 share a counter
-    num_row_counters = int(row_counter.max()) + 1 if seqlen_q else 0
+    row_counter_0 = int(row_counter.min()) if seqlen_q else 0
+    num_row_counters = int(row_counter.max()) + 1 - row_counter_0 if seqlen_q else 0
+    col_pair_0 = k_start >> 1
     batch_head = (batch_offset * heads + np.arange(batch * heads)) % 2**32  # (b + offset) * H + h
     # One Philox call per distinct (batch * head, row counter, column pair) ...
     words = np.stack(
         philox_words(
-            np.arange((seqlen_k + 1) // 2)[None, None, :],
-            np.arange(num_row_counters)[None, :, None],
+            (col_pair_0 + np.arange(((k_start + seqlen_k + 1) >> 1) - col_pair_0))[None, None, :] % 2**32,
+            (row_counter_0 + np.arange(num_row_counters))[None, :, None] % 2**32,
             batch_head[:, None, None],
             offset % 2**32,
             seed & 0xFFFFFFFF,
@@ -176,7 +190,7 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
     )
     # ... then each element picks its word out of its call's four.
     word_index = 2 * ((rows[:, None] >> 3) & 1) + (cols[None, :] & 1)
-    picked = words[:, row_counter[:, None], (cols >> 1)[None, :], word_index]
+    picked = words[:, (row_counter - row_counter_0)[:, None], ((cols >> 1) - col_pair_0)[None, :], word_index]
     return (picked >= threshold).reshape(batch, heads, seqlen_q, seqlen_k)
 
 
@@ -194,6 +208,8 @@ def _scores(problem: "_Problem", seg: "_Segment", q: np.ndarray, k: np.ndarray):
     softcap = opts["softcap"]
     s = softcap * np.tanh(x / softcap) if softcap > 0 else x
     off = seqlen_k - seqlen_q if opts["causal_alignment"] == "bottom_right" else 0
+    q_start, k_start = opts["position_offsets"]
+    off += q_start - k_start
     aligned = np.arange(seqlen_q)[:, None] + off  # the key each query is aligned with
     key = np.arange(seqlen_k)[None, :]
     if problem.slopes is not None:
@@ -220,16 +236,18 @@ def _logsumexp(s: np.ndarray) -> np.ndarray:
     """log(sum(exp(s))) over the last axis, shifted by the row max so exp cannot overflow.
     A row of only -inf (no allowed key, or Nk = 0) gives -inf, not NaN."""
     row_max = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
-    shift = np.where(np.isfinite(row_max), row_max, 0.0)
-    with np.errstate(divide="ignore"):  # log(0) = -inf on fully masked rows, on purpose
+    # Only a row of -inf (no allowed key) is shifted by 0; a NaN or +inf max (non-finite
+    # scores, not masks) makes the lse NaN, as in softmax(QKᵀ)V evaluated directly.
+    shift = np.where(row_max == -np.inf, 0.0, row_max)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf on fully masked rows, on purpose
         return np.log(np.sum(np.exp(s - shift), axis=-1)) + shift[..., 0]
 
 
 def _probabilities(s: np.ndarray, lse: np.ndarray) -> np.ndarray:
     """p = exp(s - lse), and exactly 0 on rows whose lse is -inf (fully masked)."""
     lse = lse[..., None]
-    live = np.isfinite(lse)
-    with np.errstate(over="ignore"):  # only possible on dead rows, which are replaced by 0
+    live = lse != -np.inf  # NaN and +inf rows (non-finite scores) stay live and give NaN
+    with np.errstate(over="ignore", invalid="ignore"):
         return np.where(live, np.exp(s - np.where(live, lse, 0.0)), 0.0)
 
 
@@ -240,8 +258,12 @@ def _dropped(problem: "_Problem", seg: "_Segment", a: np.ndarray) -> np.ndarray:
     if problem.dropout_mask is not None:
         keep = problem.dropout_mask[seg.batch, :, :seqlen_q, :seqlen_k]
     elif opts["dropout_p"] > 0:
-        keep = dropout_keep_mask(opts["seed"], opts["dropout_p"], a.shape,
-                                 offset=opts["dropout_offset"], batch_offset=seg.batch.start)
+        seed, offset = opts["seed"], opts["dropout_offset"]
+        if opts["rng_state"] is not None:
+            state = np.asarray(opts["rng_state"]).astype(np.uint64)
+            seed, offset = int(state[0]), int(state[1]) & 0xFFFFFFFF
+        keep = dropout_keep_mask(seed, opts["dropout_p"], a.shape, offset=offset, batch_offset=seg.batch.start,
+                                 position_offsets=opts["position_offsets"])
     else:
         return a
     return a * keep / (1.0 - opts["dropout_p"])
@@ -383,7 +405,7 @@ class _Problem:
                                   "(True = attend / keep)")
                 else:
                     setattr(self, name, _broadcast(name, array, scores_shape, errors))
-        if opts["dropout_p"] > 0 and opts["dropout_mask"] is None and opts["seed"] is None:
+        if opts["dropout_p"] > 0 and opts["dropout_mask"] is None and opts["seed"] is None and opts["rng_state"] is None:
             errors.append(f"seed=None but dropout_p={opts['dropout_p']!r} > 0: dropout needs "
                           "a seed (or an explicit dropout_mask)")
 
@@ -433,7 +455,7 @@ class _Problem:
 
 _SCALAR_OPTION_NAMES = ("softmax_scale", "causal", "causal_alignment", "window_size",
                         "softcap", "dropout_p", "seed", "max_seqlen_q", "max_seqlen_k",
-                        "deterministic", "layout")
+                        "deterministic", "layout", "position_offsets")
 
 
 def _dense_dims(q, k, v, opts, errors):

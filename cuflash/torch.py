@@ -21,11 +21,15 @@ reference. On top of the operators sit drop-in replacements:
 This module only moves tensors, streams and gradients: the attention math is in cuda_src/
 and cuflash.reference.
 
-Dropout seeds come from torch's CPU default generator (seeded by torch.manual_seed, like
-every device's): a host draw needs no device synchronisation, so it works under
-torch.compile and CUDA-graph capture. The seed is an operator input, saved for the
-backward, which regenerates the same dropout mask from it. A CUDA graph replays the seed
-it was captured with.
+Dropout without an explicit seed on CUDA tensors draws its [seed, offset] pair with
+torch.randint on the tensors' device: from torch's CUDA generator (seeded by
+torch.manual_seed, so eager runs are reproducible), and graph-safe: a captured CUDA graph
+(torch.cuda.graph, torch.compile(mode="reduce-overhead")) replays the draw too, so each
+replay gets a fresh dropout mask. The kernels read the pair from device memory when they
+run (the core's rng_state option); no host synchronisation. The pair is an operator input
+saved for the backward, which regenerates the same mask from it. An explicit int seed is
+passed as an int64 CPU scalar and read on the host (the same mask on every call and every
+replay). CPU tensors draw a seed from torch's CPU generator.
 """
 
 from __future__ import annotations
@@ -90,8 +94,7 @@ def _core_options(
         alibi_slopes=_exportable(alibi_slopes),
         cu_seqlens_q=_exportable(cu_seqlens_q),
         cu_seqlens_k=_exportable(cu_seqlens_k),
-        # An int64 tensor holds the seed's 64 bits as a signed number; the core wants [0, 2**64).
-        seed=None if seed is None else int(seed.item()) % 2**64,
+        **_seed_options(seed),
         softmax_scale=softmax_scale,
         causal=causal,
         causal_alignment=causal_alignment,
@@ -140,6 +143,17 @@ def attention_fwd(
         causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
         max_seqlen_k, deterministic, layout,
     )
+
+
+def _seed_options(seed: Optional[Tensor]) -> dict[str, Any]:
+    """The operators' seed input as core options: a CPU int64 scalar is an explicit seed
+    (its 64 bits held as a signed number; the core wants [0, 2**64)), a device int64 pair
+    is an rng_state [seed, offset] the kernels read when they run."""
+    if seed is None:
+        return {"seed": None}
+    if seed.device.type != "cpu":
+        return {"rng_state": seed.detach()}
+    return {"seed": int(seed.item()) % 2**64}
 
 
 def _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
@@ -304,12 +318,17 @@ def _use_operators(*tensors: Optional[Tensor]) -> bool:
 # ---- differentiable entry points ----------------------------------------------------------
 
 
-def _seed_tensor(dropout_p: float, seed: Optional[int]) -> Optional[Tensor]:
-    """The seed as the operators take it: an int64 CPU tensor (None without dropout)."""
+def _seed_tensor(dropout_p: float, seed: Optional[int], q: Tensor) -> Optional[Tensor]:
+    """The seed as the operators take it (None without dropout): an explicit seed as an
+    int64 CPU scalar; otherwise, for CUDA tensors, a [seed, offset] pair drawn on the device
+    from torch's CUDA generator (graph-safe, see the module doc), and for CPU tensors a
+    scalar from torch's CPU generator."""
     if not dropout_p > 0:
         return None
     if seed is None:
-        # Host draw from torch's default CPU generator: no device sync (see module doc).
+        if q.device.type == "cuda":
+            info = torch.iinfo(torch.int64)
+            return torch.randint(info.min, info.max, (2,), dtype=torch.int64, device=q.device)
         return torch.randint(0, 2**62, (), dtype=torch.int64)
     seed = int(seed)
     return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
@@ -326,7 +345,7 @@ def _call(
     window_left, window_right = window_size
     args = (
         q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        _seed_tensor(dropout_p, seed),
+        _seed_tensor(dropout_p, seed, q),
         None if softmax_scale is None else float(softmax_scale),
         bool(causal), causal_alignment, int(window_left), int(window_right),
         float(softcap or 0.0), float(dropout_p or 0.0),
@@ -365,7 +384,8 @@ def attention(
     """cuflash.attention for torch tensors, differentiable in q, k, v and a float bias.
 
     Takes every cuflash option (same names and meanings as cuflash.forward). With
-    dropout_p > 0 and seed=None a seed is drawn from torch's CPU generator. Returns out,
+    dropout_p > 0 and seed=None the dropout state is drawn from torch's generator (CUDA
+    tensors: on the device, graph-safe; see the module doc). Returns out,
     or (out, lse) with return_lse=True (lse carries no gradient)."""
     out, lse = _call(
         q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,

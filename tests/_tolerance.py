@@ -61,8 +61,15 @@ def rounder(dtype: np.dtype):
     return lambda x: np.asarray(x, dtype=np.float32).astype(dtype).astype(np.float32)
 
 
-def _allowed(nq: int, nk: int, opts: dict) -> np.ndarray:
+def _diagonal(nq: int, nk: int, opts: dict) -> int:
+    """The key aligned with query 0: the alignment's offset, shifted by position_offsets."""
     off = nk - nq if opts.get("causal_alignment", "bottom_right") == "bottom_right" else 0
+    q_start, k_start = opts.get("position_offsets", (0, 0))
+    return off + q_start - k_start
+
+
+def _allowed(nq: int, nk: int, opts: dict) -> np.ndarray:
+    off = _diagonal(nq, nk, opts)
     i = np.arange(nq)[:, None] + off
     j = np.arange(nk)[None, :]
     ok = np.ones((nq, nk), dtype=bool)
@@ -97,7 +104,7 @@ def naive_attention(q, k, v, dout, dtype, opts: dict, keep=None):
         x = r(np.float32(softcap) * t)
     else:
         t = None
-    off = nk - nq if opts.get("causal_alignment", "bottom_right") == "bottom_right" else 0
+    off = _diagonal(nq, nk, opts)
     slopes = opts.get("alibi_slopes")
     if slopes is not None:
         slopes = np.broadcast_to(np.asarray(slopes, np.float32), (b, h))
@@ -205,4 +212,5 @@ def check_all(comparisons: list[Comparison]) -> None:
 def reference_dropout_keep(opts: dict, b: int, h: int, nq: int, nk: int, batch_offset: int = 0):
     if opts.get("dropout_p", 0.0) <= 0:
         return None
-    return reference.dropout_keep_mask(opts["seed"], opts["dropout_p"], (b, h, nq, nk), batch_offset=batch_offset)
+    return reference.dropout_keep_mask(opts["seed"], opts["dropout_p"], (b, h, nq, nk), batch_offset=batch_offset,
+                                       position_offsets=opts.get("position_offsets", (0, 0)))

@@ -101,6 +101,7 @@ class Case:
     dropout_p: float = 0.0
     varlen: tuple | None = None  # per-sequence (len_q, len_k) pairs
     softmax_scale: float | None = None
+    positions: tuple = (0, 0)  # position_offsets (q_start, k_start)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -138,6 +139,8 @@ def draw_inputs(case: Case, rng: np.random.Generator):
         opts["layout"] = case.layout
     if case.softmax_scale is not None:
         opts["softmax_scale"] = case.softmax_scale
+    if case.positions != (0, 0):
+        opts["position_offsets"] = case.positions
     eff = dataclasses.replace(case, batch=batch)
     if case.alibi:
         opts["alibi_slopes"] = rng.uniform(0.05, 0.5, size=(case.heads,) if case.alibi == "h" else (batch, case.heads)).astype(np.float32)
@@ -168,6 +171,7 @@ def _naive_for(case: Case, q, k, v, dout, opts):
     def seq_opts(b, nq, nk):
         """Options for the naive attention of sequence b (all batches when b is None)."""
         o = {key: opts.get(key) for key in ("causal", "causal_alignment", "window_size", "softcap", "dropout_p", "softmax_scale")}
+        o["position_offsets"] = opts.get("position_offsets", (0, 0))
         if "alibi_slopes" in opts:
             s = np.asarray(opts["alibi_slopes"])
             o["alibi_slopes"] = s if (s.ndim == 1 or b is None) else s[b : b + 1]
@@ -182,7 +186,8 @@ def _naive_for(case: Case, q, k, v, dout, opts):
         o = seq_opts(None, mq, mk)
         keep = None
         if case.dropout_p > 0:
-            keep = reference.dropout_keep_mask(opts["seed"], case.dropout_p, (case.batch, case.heads, mq, mk))
+            keep = reference.dropout_keep_mask(opts["seed"], case.dropout_p, (case.batch, case.heads, mq, mk),
+                                               position_offsets=case.positions)
         hf = [_heads_first(a, case.layout).astype(np.float32) for a in (q, k, v, dout)]
         res = naive_attention(*hf, dt, o, keep)
         back = (lambda a: a) if case.layout == "bhsd" else (lambda a: a.transpose(0, 2, 1, 3))
@@ -201,7 +206,8 @@ def _naive_for(case: Case, q, k, v, dout, opts):
         o = seq_opts(b, nq, nk)
         keep = None
         if case.dropout_p > 0:
-            keep = reference.dropout_keep_mask(opts["seed"], case.dropout_p, (1, case.heads, nq, nk), batch_offset=b)
+            keep = reference.dropout_keep_mask(opts["seed"], case.dropout_p, (1, case.heads, nq, nk), batch_offset=b,
+                                               position_offsets=case.positions)
         seq = [a[r].transpose(1, 0, 2)[None].astype(np.float32) for a, r in ((q, rq), (k, rk), (v, rk), (dout, rq))]
         res = naive_attention(*seq, dt, o, keep)
         for name in ("out", "dq", "dk", "dv"):
