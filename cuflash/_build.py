@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 _OPTIONS = ("-std=c++17", "--ptxas-options=-v")
+_log = logging.getLogger("cuflash")
 
 
 def source_dir() -> Path:
@@ -150,6 +152,7 @@ def build(variant: Variant, arch: str) -> tuple[Path, float]:
     if path.is_file():
         return path, 0.0
     compiled = compile_variant(variant, arch)
+    _log.info("compiled kernel variant %s for %s in %.1f s", variant.tag, arch, compiled.seconds)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(compiled.cubin)
