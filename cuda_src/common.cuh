@@ -61,10 +61,23 @@ CF_DEVICE half_t from_float<half_t>(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
     return h;
 }
+// Round-to-nearest-even to bf16 in integer arithmetic (before sm_80, whose cvt has no bf16
+// form; pre-Ampere families take no bf16 inputs, but their fp32 products split values into
+// bf16 terms, see mma.cuh). NaN stays a (quiet) NaN.
+CF_DEVICE unsigned short bf16_bits_rn(float f) {
+    const u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((x >> 16) | 0x40u);
+    return (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
 template <>
 CF_DEVICE bf16_t from_float<bf16_t>(float f) {
     bf16_t h;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    h.bits = bf16_bits_rn(f);
+#else
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#endif
     return h;
 }
 template <>
@@ -76,17 +89,26 @@ CF_DEVICE float from_float<float>(float f) {
 // element with the smaller column index in an mma fragment).
 template <typename T>
 CF_DEVICE u32 pack2(float lo, float hi);
+// (The packed two-value cvt forms are sm_80 instructions; before that, two conversions.)
 template <>
 CF_DEVICE u32 pack2<half_t>(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    return (u32)from_float<half_t>(lo).bits | ((u32)from_float<half_t>(hi).bits << 16);
+#else
     u32 r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
 }
 template <>
 CF_DEVICE u32 pack2<bf16_t>(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    return (u32)bf16_bits_rn(lo) | ((u32)bf16_bits_rn(hi) << 16);
+#else
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
 }
 
 CF_DEVICE float bf16_round(float x) {

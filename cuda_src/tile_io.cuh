@@ -8,18 +8,42 @@
 #pragma once
 #include "common.cuh"
 
+// Before sm_80 there is no cp.async: the same calls copy through registers and complete
+// at once (commit and wait become no-ops), so every kernel's barrier structure, which
+// publishes a tile after waiting for its copies, stays correct unchanged. Other warps and
+// resident blocks hide the load latency that cp.async would have overlapped.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define CF_SYNC_COPIES 1
+#endif
+
 CF_DEVICE void cp_async_16(u32 dst, const void* src, bool pred) {
+#ifdef CF_SYNC_COPIES
+    u32 a = 0, b = 0, c = 0, d = 0;
+    if (pred) asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(src));
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+#else
     // src-size 0 reads nothing and writes 16 zero bytes.
     const int src_size = pred ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
+#endif
 }
 CF_DEVICE void cp_async_4(void* dst, const void* src) {
+#ifdef CF_SYNC_COPIES
+    *static_cast<u32*>(dst) = *static_cast<const u32*>(src);
+#else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+#endif
 }
-CF_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+CF_DEVICE void cp_async_commit() {
+#ifndef CF_SYNC_COPIES
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 CF_DEVICE void cp_async_wait() {
+#ifndef CF_SYNC_COPIES
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // tile[r][c] = src[r * row_stride + c] for r < rows, c < cols; 0 elsewhere in kRows x kCols.

@@ -107,7 +107,8 @@ def cache_key(variant: Variant, arch: str) -> str:
 
 
 def cubin_path(variant: Variant, arch: str) -> Path:
-    return cache_dir() / f"{variant.tag}-{arch}-{cache_key(variant, arch)}.cubin"
+    suffix = ".ptx" if arch.startswith("compute_") else ".cubin"
+    return cache_dir() / f"{variant.tag}-{arch}-{cache_key(variant, arch)}{suffix}"
 
 
 def compile_variant(variant: Variant, arch: str) -> Compiled:
@@ -126,10 +127,16 @@ def compile_variant(variant: Variant, arch: str) -> Compiled:
             log = nvrtc.getProgramLog(prog)
             raise CompileError(f"NVRTC failed to compile {variant.tag} for {arch}:\n{log}") from exc
         log = nvrtc.getProgramLog(prog)
-        cubin = nvrtc.getCUBIN(prog)
+        # A compute_XX target is PTX, which the driver compiles for the GPU at load time (the
+        # pre-Ampere families are tested that way on newer GPUs); sm_XX is machine code.
+        cubin = _ptx_bytes(nvrtc.getPTX(prog)) if arch.startswith("compute_") else nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
     return Compiled(cubin=cubin, log=log, seconds=time.perf_counter() - start)
+
+
+def _ptx_bytes(ptx: Any) -> bytes:
+    return ptx if isinstance(ptx, bytes) else ptx.encode()
 
 
 def compile_job(job: tuple[Variant, str]) -> tuple[str, str, float | None, str]:
@@ -178,13 +185,28 @@ def arch_of(device_index: int) -> str:
     return arch
 
 
+# CUFLASH_ARCH=compute_75 (or compute_70) builds every kernel as PTX for that architecture,
+# which the driver compiles for the GPU at hand: how the Turing and Volta families run, and
+# are tested, on newer GPUs. Tile choices then follow that architecture's shared memory.
+ARCH_ENV = "CUFLASH_ARCH"
+
+
 def _query_arch(device_index: int) -> str:
     import cupy
 
     cc = cupy.cuda.Device(device_index).compute_capability  # e.g. "90"
-    if int(cc) < 80:
+    forced = os.environ.get(ARCH_ENV)
+    if forced:
+        number = forced.split("_")[-1]
+        if not (forced.startswith(("sm_", "compute_")) and number.isdigit() and 70 <= int(number) <= int(cc)):
+            raise RuntimeError(
+                f"{ARCH_ENV}={forced!r} must be sm_XX or compute_XX with 70 <= XX <= this GPU's {cc} "
+                f"(cuda:{device_index})"
+            )
+        return forced
+    if int(cc) < 70:
         raise RuntimeError(
-            f"cuflash needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, ...); "
+            f"cuflash needs a GPU of compute capability 7.0 or newer (Volta, Turing, Ampere, Ada, Hopper, ...); "
             f"cuda:{device_index} has {cc[:-1]}.{cc[-1]}"
         )
     return f"sm_{cc}"

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _build, _fast, _interop, _params, _tiles
+from ._interop import BFLOAT16
 from ._options import Options
 from ._params import Views
 from ._validate import Dims
@@ -30,7 +31,11 @@ def smem_limit(device_index: int) -> int:
             import cupy
 
             attrs = cupy.cuda.Device(device_index).attributes
-            _smem_limits[device_index] = int(attrs["MaxSharedMemoryPerBlockOptin"])
+            limit = int(attrs["MaxSharedMemoryPerBlockOptin"])
+            arch = _build.arch_of(device_index)
+            if arch.startswith("compute_"):  # an older family on a newer GPU: its own budget
+                limit = min(limit, _tiles.limit_for(arch))
+            _smem_limits[device_index] = limit
         return _smem_limits[device_index]
 
 
@@ -196,8 +201,20 @@ def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
     return out
 
 
+def _require_dtype_support(call: Any) -> None:
+    """bf16 needs Ampere or newer: Volta's and Turing's tensor cores have no bf16."""
+    arch = _build.arch_of(call.device.index)
+    if np.dtype(call.q.dtype) == BFLOAT16 and not _tiles.bf16_supported(arch):
+        from ._validate import ValidationError
+
+        raise ValidationError(call.where, [
+            f"q.dtype=bfloat16 needs a GPU of compute capability 8.0 or newer; cuda:{call.device.index} runs {arch} "
+            "kernels: use float16 (tensor cores) or float32"], [call.q])
+
+
 def forward(call: Any, fast_key: tuple | None = None) -> tuple[Any, Any]:
     """`fast_key`: the call's signature for the plan cache (`_fast`), None if it has none."""
+    _require_dtype_support(call)
     q, dims = call.q, call.dims
     f32 = np.dtype(np.float32)
     with _interop.on_device(call.device, call.stream):
@@ -213,6 +230,7 @@ def forward(call: Any, fast_key: tuple | None = None) -> tuple[Any, Any]:
 
 
 def probabilities(call: Any) -> Any:
+    _require_dtype_support(call)
     q, dims = call.q, call.dims
     with _interop.on_device(call.device, call.stream):
         _, out = _interop.empty(q.shape, q.dtype, q, call.stream)
@@ -228,6 +246,7 @@ def probabilities(call: Any) -> Any:
 
 def backward(call: Any, compute_dbias: bool = True, fast_key: tuple | None = None) -> tuple[Any, ...]:
     """`fast_key`: the call's signature for the plan cache (`_fast`), None if it has none."""
+    _require_dtype_support(call)
     r, dims, opts = call.refs, call.dims, call.opts
     q, k, v = r["q"], r["k"], r["v"]
     bias_ref = call.option_refs.get("bias")

@@ -18,8 +18,28 @@ from ._interop import BFLOAT16
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 
 # Opt-in shared memory per block by architecture (bytes), for planning without a GPU.
-SMEM_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448}
+SMEM_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448,
+              # Volta (V100: 96 KB per block opted in) and Turing (T4, RTX 20xx: 64 KB).
+              "sm_70": 98304, "sm_72": 98304, "sm_75": 65536}
 ARCHES = ("sm_80", "sm_90")  # what the CPU compile check builds for
+# Pre-Ampere families: the portable kernels over the primitives mma.cuh and tile_io.cuh
+# select for __CUDA_ARCH__ < 800 (no cp.async; Turing's m16n8k8 halves; Volta on the FMA
+# units without ldmatrix). fp16 and fp32 only: these tensor cores have no bf16.
+PRE_AMPERE_ARCHES = ("sm_70", "sm_75")
+
+
+def arch_number(arch: str) -> int:
+    """70 for "sm_70" or "compute_70" (the PTX target that stands for it in tests)."""
+    return int(arch.split("_")[1].rstrip("a"))
+
+
+def limit_for(arch: str) -> int:
+    """Shared memory per block the tile tables may plan for `arch` (sm_XX or compute_XX)."""
+    return SMEM_LIMIT[f"sm_{arch_number(arch)}"]
+
+
+def bf16_supported(arch: str | None) -> bool:
+    return arch is None or arch_number(arch) >= 80
 
 ELEM_CODE = {np.dtype(np.float16): 0, BFLOAT16: 1, np.dtype(np.float32): 2}
 _PAD = 8  # elements of padding per shared-memory row (SmemPad)
@@ -132,6 +152,15 @@ _TABLE = (
     ("dq", True, 128, Tiles(32, 32, 2), "fp32 d<=128: 70 KB smem"),
     ("dq", True, 256, Tiles(32, 32, 2), "fp32 d<=256: 135 KB smem (Hopper, A100)"),
     ("dq", True, 256, Tiles(16, 16, 1), "fp32 d<=256 on 99 KB parts: 68 KB smem"),
+    # --- pre-Ampere: the only rows that fit 64 KB (Turing) at the largest head dims; every
+    # row above is tried first, so Ampere and Hopper plans are unchanged. Not yet measured
+    # on a T4 (benchmarks/NOTES.md: the predicted speed).
+    ("fwd", False, 256, Tiles(32, 32, 2), "d<=256 on 64 KB parts (Turing): 50 KB smem"),
+    ("fwd", True, 256, Tiles(16, 16, 1), "fp32 d<=256 on 64 KB parts: 50 KB smem"),
+    ("bwd", False, 256, Tiles(16, 32, 2), "d<=256 on 64 KB parts: 53 KB smem"),
+    ("bwd", True, 128, Tiles(16, 32, 2), "fp32 d<=128 on 64 KB parts: 57 KB smem"),
+    ("bwd", True, 256, Tiles(16, 16, 1), "fp32 d<=256 on 96 KB parts (Volta)"),
+    ("dq", False, 256, Tiles(32, 16, 2), "d<=256 on 64 KB parts: 50 KB smem"),
 )
 
 # Hopper forward (16-bit, no score modifiers): (largest head dim, tiles, reason). The
@@ -333,9 +362,11 @@ def backward_variant(
 
 def shipped_variants(arch: str) -> list[Variant]:
     """Every variant a user can reach on `arch` (what the compile check builds)."""
-    limit = SMEM_LIMIT[arch]
+    limit = limit_for(arch)
     out = []
     for dtype in ELEM_CODE:
+        if not bf16_supported(arch) and dtype == BFLOAT16:
+            continue
         for bucket in HEAD_DIM_BUCKETS:
             for general in (False, True):
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
