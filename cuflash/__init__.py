@@ -27,3 +27,9 @@ __all__ = [
     "MAX_HEAD_DIM",
     "__version__",
 ]
+
+# ---- attention over a KV cache (decode, speculative decode, chunked prefill) ----
+from ._kvcache import attention_with_kvcache  # noqa: E402
+from ._kvcache import reference as kvcache_reference  # noqa: E402
+
+__all__ += ["attention_with_kvcache", "kvcache_reference"]

@@ -42,8 +42,10 @@ ALIGN_BITS = {
 }
 
 
-def _parse_fields(text: str) -> list[tuple[str, Any]]:
-    body = text[text.index("struct Params {") : text.index("};", text.index("struct Params {"))]
+def _parse_fields(text: str, struct: str = "Params") -> list[tuple[str, Any]]:
+    """The (name, NumPy type) fields of `struct NAME { ... };` in a header's text."""
+    opening = f"struct {struct} {{"
+    body = text[text.index(opening) : text.index("};", text.index(opening))]
     fields = []
     for line in body.splitlines()[1:]:
         line = line.split("//")[0].strip()

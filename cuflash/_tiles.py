@@ -382,4 +382,8 @@ def shipped_variants(arch: str) -> list[Variant]:
                     hopper = backward_variant(dtype, bucket, general, limit, arch).dkdv_variant
                     if hopper is not None:
                         out.append(hopper)
+    # Other kernel families register their variants here.
+    from ._decode_tiles import shipped_variants as decode_variants
+
+    out += decode_variants(arch)
     return out

@@ -563,3 +563,64 @@ def flash_attn_varlen_func(
         deterministic=deterministic,
     )
     return _fa2_return(out, lse, q, return_attn_probs)
+
+
+# ---- attention over a KV cache ------------------------------------------------------------
+#
+# A plain function, not an operator: it writes into the caller's caches in place and runs
+# on the current stream, through the core API's plan cache (repeat calls allocate their
+# outputs from PyTorch's allocator and launch, with no host sync), so a decode step can be
+# captured in a CUDA graph once one call of the same shapes ran outside the capture (the
+# first call compiles and loads the kernels). torch.compile treats it as opaque (a graph
+# break).
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """Drop-in for flash_attn.flash_attn_with_kvcache (FlashAttention-2, same signature).
+
+    q (batch, seqlen_q, heads, head_dim); k_cache, v_cache (batch_cache, seqlen_cache,
+    heads_kv, head_dim), or (num_pages, page_size, heads_kv, head_dim) with block_table
+    (batch, max_pages) int32 and any page size that is a multiple of 16; k, v (batch,
+    seqlen_new, heads_kv, head_dim) are appended in place at cache_seqlens (an int or int32
+    (batch,)), with the rotary embedding applied to them and to q when rotary_cos/sin are
+    given. cache_seqlens=None means every cache row is in use (and k, v cannot be given).
+    Returns out, or (out, softmax_lse) with softmax_lse float32 (batch, heads, seqlen_q),
+    -inf on rows with no key (FlashAttention-2 reports +inf there)."""
+    from ._kvcache import attention_with_kvcache
+
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_with_kvcache: cache_seqlens=None with new keys k: give cache_seqlens, "
+                             "the rows where k and v are appended")
+        cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    result = attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=bool(rotary_interleaved), num_splits=int(num_splits), return_lse=return_softmax_lse,
+        softmax_scale=softmax_scale, causal=bool(causal), window_size=(-1, -1) if window_size is None else window_size,
+        softcap=float(softcap or 0.0), alibi_slopes=alibi_slopes,
+    )
+    return result
+
+
+__all__ += ["flash_attn_with_kvcache"]

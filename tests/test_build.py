@@ -170,6 +170,8 @@ def test_every_shipped_variant_compiles(arch):
             assert set(kernels) == {"cuflash_fwd"}  # probabilities come from the portable module
         elif tag.startswith("flash_bwd_sm90"):
             assert set(kernels) == {"cuflash_bwd_dkdv"}  # the other kernels come from the portable module
+        elif tag.startswith("flash_decode"):
+            assert set(kernels) == {"cuflash_decode", "cuflash_decode_append", "cuflash_decode_combine"}
         elif tag.startswith("flash_fwd"):
             assert set(kernels) == {"cuflash_fwd", "cuflash_probs"}
         else:
