@@ -4,7 +4,8 @@ whole-sequence attention computed in one process, and writes its verdicts as JSO
 Used by tests/test_distributed.py (gloo on CPU, spawned here) and runnable under torchrun
 on GPUs (tests/test_distributed_gpu.py):
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 tests/_cp_workers.py cuda RESULT_PREFIX
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --nproc-per-node 2 tests/_cp_workers.py cuda RESULT_PREFIX
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# NVLink multicast (NVLS) stays off in every launch: the multi-GPU machine's NCCL cannot use it.
-for _name, _value in (("NCCL_NVLS_ENABLE", "0"),):
-    os.environ.setdefault(_name, _value)
+# NVLink multicast stays off in every launch (NCCL, PyTorch symmetric memory, NVSHMEM):
+# our multi-GPU machine runs with it disabled, and so does every process started here.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(NO_MULTICAST)
 
 import cuflash  # noqa: E402
 import cuflash.distributed as cp  # noqa: E402
@@ -101,6 +103,10 @@ CASES = [
     Case("zigzag", True, dropout_p=0.25, local_len=32),
     Case("allgather", True, dropout_p=0.25, local_len=32),
 ]
+
+# JAX on four devices: the core placements (every option is covered on two); compiling
+# each case under jit and vjp is what costs time on CPU.
+JAX_W4_CASES = CASES[:12]
 
 
 def _options(case: Case) -> dict:

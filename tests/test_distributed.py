@@ -44,7 +44,7 @@ def verdicts(tmp_path_factory):
 
 
 def _spawn(world: int, folder) -> dict:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.update(workers.NO_MULTICAST)
     prefix = str(folder / "verdicts")
     init = f"file://{folder / 'store'}"
     context = mp.start_processes(workers.worker, args=(world, init, prefix, "cpu"), nprocs=world, join=False,
