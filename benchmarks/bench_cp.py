@@ -145,6 +145,21 @@ def link_bandwidth(seqlen: int) -> float:
     return chunk.numel() * chunk.element_size() / (ms * 1e-3) / 1e9
 
 
+def workload(seqlen: int, placement: str, mode: str):
+    """The timed call: one GPU over the whole sequence ("single"; every rank runs it on
+    its own GPU at once) or a placement over the ranks; forward, or forward + backward."""
+    backward = mode == "fwd_bwd"
+    if placement == "single":
+        q, k, v, dout = inputs(seqlen, backward)
+        if not backward:
+            return lambda: cuflash.forward(q, k, v, causal=True)
+        return lambda: ct.attention(q, k, v, causal=True).backward(dout)
+    q, k, v, dout = local_inputs(seqlen, placement, backward)
+    if not backward:
+        return lambda: cp.ring_attention(q, k, v, placement=placement, causal=True)
+    return lambda: cp.ring_attention(q, k, v, placement=placement, causal=True).backward(dout)
+
+
 def git_commit() -> str:
     if os.environ.get("CUFLASH_GIT_COMMIT"):
         return os.environ["CUFLASH_GIT_COMMIT"]
@@ -183,25 +198,13 @@ def main() -> None:
 
     for seqlen in seqlens:
         reps = 3 if seqlen <= 131072 else 2
-        # One GPU, the whole sequence (every rank on its own GPU at once).
-        q, k, v, dout = inputs(seqlen, False)
-        fwd = lambda: cuflash.forward(q, k, v, causal=True)  # noqa: E731
-        record(1, seqlen, "single", "fwd", timed(fwd, 1, reps), peak_gib(fwd))
-        del q, k, v, dout
-        q, k, v, dout = inputs(seqlen, True)
-        fwd_bwd = lambda: ct.attention(q, k, v, causal=True).backward(dout)  # noqa: E731
-        record(1, seqlen, "single", "fwd_bwd", timed(fwd_bwd, 1, reps), peak_gib(fwd_bwd))
-        del q, k, v, dout
-        for placement in PLACEMENTS:
-            q, k, v, dout = local_inputs(seqlen, placement, False)
-            fwd = lambda: cp.ring_attention(q, k, v, placement=placement, causal=True)  # noqa: E731
-            record(world, seqlen, placement, "fwd", timed(fwd, 1, reps), peak_gib(fwd))
-            for t in (q, k, v):
-                t.requires_grad_(True)
-            fwd_bwd = lambda: cp.ring_attention(q, k, v, placement=placement, causal=True).backward(dout)  # noqa: E731
-            record(world, seqlen, placement, "fwd_bwd", timed(fwd_bwd, 1, reps), peak_gib(fwd_bwd))
-            del q, k, v, dout
-            torch.cuda.empty_cache()
+        for placement in ("single",) + PLACEMENTS:
+            for mode in ("fwd", "fwd_bwd"):
+                fn = workload(seqlen, placement, mode)
+                ms = timed(fn, 1, reps)
+                record(1 if placement == "single" else world, seqlen, placement, mode, ms, peak_gib(fn))
+                del fn
+                torch.cuda.empty_cache()
 
     single = next(r for r in rows if r["world"] == 1 and r["mode"] == "fwd" and r["seqlen_total"] == seqlens[-1])
     flops = 4 * seqlens[-1] ** 2 * HEADS * HEAD_DIM * BATCH / 2  # causal: half the score matrix
@@ -226,7 +229,8 @@ def main() -> None:
         with open(os.path.join(folder, name + ".json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         lines = [f"# Context parallelism, {meta['gpu']} x {world} ({meta['git_commit'][:10]})", "",
-                 f"causal bf16, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}; link {meta['link_gbps_per_direction']} "
+                 f"causal bf16, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}; "
+                 f"link {meta['link_gbps_per_direction']} "
                  f"GB/s per direction; one GPU forward {meta['single_gpu_fwd_tflops']} TFLOP/s at "
                  f"{seqlens[-1] // 1024}k", "",
                  "| world | tokens | placement | mode | ms | efficiency | peak GiB/GPU |",

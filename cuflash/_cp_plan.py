@@ -295,7 +295,8 @@ def ring_plan(sharding: str, world: int, local_len: int, feats: Features, where:
     return RingPlan(world, sharding, local_len, tuple(calls), steps)
 
 
-def allgather_plan(sharding: str, world: int, local_len: int, feats: Features, where: str) -> tuple[tuple[Call, ...], ...]:
+def allgather_plan(sharding: str, world: int, local_len: int, feats: Features,
+                   where: str) -> tuple[tuple[Call, ...], ...]:
     """Each rank's calls against the whole sequence, gathered in global order."""
     whole = (Segment(0, world * local_len, 0),)
     plans = []

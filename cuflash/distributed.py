@@ -240,7 +240,8 @@ def _exchange(q, k, v, alibi_slopes, placement, sharding, group, options, reason
     dtype_code = _DTYPES.index(q.dtype) if not reasons and q.dtype in _DTYPES else -1
     seed = options.get("seed")
     drawn = int(torch.randint(0, 2**62, ())) if seed is None else 0
-    row = [0 if not reasons else 1, *shape, dtype_code, _options_fingerprint(placement, sharding, options, alibi_slopes), drawn]
+    fingerprint = _options_fingerprint(placement, sharding, options, alibi_slopes)
+    row = [0 if not reasons else 1, *shape, dtype_code, fingerprint, drawn]
     device = _exchange_device(group)
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     rows = torch.empty(world * len(row), dtype=torch.int64, device=device)

@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import _cp_workers as workers  # noqa: E402
 
-import cuflash  # noqa: E402
 import cuflash.jax as cfj  # noqa: E402
 import cuflash.jax_distributed as cp  # noqa: E402
 

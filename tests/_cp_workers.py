@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -114,7 +113,8 @@ def _options(case: Case) -> dict:
                 dropout_p=case.dropout_p, seed=1234 if case.dropout_p else None)
 
 
-def run_case(case: Case, rank: int, world: int, device: torch.device, dtype: torch.dtype, length_scale: int = 1) -> dict:
+def run_case(case: Case, rank: int, world: int, device: torch.device, dtype: torch.dtype,
+             length_scale: int = 1) -> dict:
     """One case on this rank: the distributed result ("got"), the one-process result over
     the whole sequence ("one": the float64 reference path on CPU, the kernels on one GPU),
     and on GPUs the float64 reference on the same rounded inputs ("ref64"), all for this

@@ -96,7 +96,8 @@ def test_auto_picks_allgather_for_small_kv():
     from cuflash.distributed import _choose_placement
 
     q = torch.empty(1, 8, 8, 16)
-    assert _choose_placement("auto", "contiguous", q, torch.empty(1, 8, 1, 16), torch.empty(1, 8, 1, 16), 4) == "allgather"
+    small = torch.empty(1, 8, 1, 16)
+    assert _choose_placement("auto", "contiguous", q, small, small, 4) == "allgather"
     assert _choose_placement("auto", "contiguous", q, torch.empty(1, 8, 8, 16), torch.empty(1, 8, 8, 16), 2) == "ring"
 
 

@@ -29,7 +29,8 @@ OFFSETS = "position_offsets" in cuflash.OPTION_NAMES
 @pytest.fixture(scope="module")
 def verdicts():
     env = dict(os.environ, **workers.NO_MULTICAST, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [os.path.dirname(HERE), HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     done = subprocess.run([sys.executable, os.path.join(HERE, "_cp_jax_check.py")], env=env, timeout=900,
                           capture_output=True, text=True)
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("VERDICTS ")]
