@@ -50,7 +50,9 @@ struct FragB<float> {
 // n, so each thread gathers its row of A from its own quad and its two columns of B from
 // quads 2t and 2t + 1. Exact products, fp32 sums: the tensor cores' result within rounding.
 // Each fragment register is given as its two values: a[i][0] the lower k (or column).
-CF_DEVICE void mma_fma(float (&c)[4], const float (&a)[4][2], const float (&b)[2][2]) {
+// Not inlined: the kernels call it at dozens of unrolled sites, and inlining each copy of
+// its 48 shuffles makes ptxas take minutes per variant for no speed worth having here.
+__device__ __noinline__ void mma_fma(float (&c)[4], const float (&a)[4][2], const float (&b)[2][2]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int src = 0; src < 4; ++src) {  // the quad-mate holding k = 2src, 2src+1, 2src+8, 2src+9

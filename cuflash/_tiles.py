@@ -385,5 +385,6 @@ def shipped_variants(arch: str) -> list[Variant]:
     # Other kernel families register their variants here.
     from ._decode_tiles import shipped_variants as decode_variants
 
-    out += decode_variants(arch)
+    if bf16_supported(arch):  # the KV-cache family is built on cp.async: Ampere and newer
+        out += decode_variants(arch)
     return out
