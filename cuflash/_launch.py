@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _build, _fast, _interop, _params, _tiles
+from . import _build, _fast, _interop, _params, _tiles, _tma
 from ._options import Options
 from ._params import Views
 from ._validate import Dims
@@ -37,9 +37,10 @@ def smem_limit(device_index: int) -> int:
 _functions: dict[tuple[int, str], Any] = {}
 
 
-def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
+def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any,
+            extra: tuple = ()) -> None:
     """Launch kernel `name` of `mod`; `params` is the Params record as `_params.as_argument`
-    makes it, passed by value."""
+    makes it, passed by value, followed by the `extra` arguments (TMA descriptors)."""
     if blocks == 0:
         return
     if blocks > _MAX_GRID:
@@ -51,7 +52,7 @@ def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: n
         if smem > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = smem
         _functions[key] = kernel
-    kernel((blocks,), (threads,), (params,), shared_mem=smem, stream=stream)
+    kernel((blocks,), (threads,), (params, *extra), shared_mem=smem, stream=stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Launch:
     blocks: int
     threads: int
     smem: int
+    tensor_maps: _tma.ForwardMaps | None = None  # TMA descriptors, rebuilt per pointers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +72,22 @@ class Plan:
     launches: tuple[Launch, ...]
     record: np.ndarray
 
-    def run(self, stream: Any, argument: np.ndarray | None = None) -> None:
+    def run(self, stream: Any, argument: np.ndarray | None = None) -> bool:
         """Launch on `stream`, with `argument` (a record as `_params.as_argument` gives it,
-        e.g. from `_params.Repointer`) in place of the plan's own record."""
+        e.g. from `_params.Repointer`) in place of the plan's own record. Returns False,
+        launching nothing, when a kernel reading through TMA gets pointers TMA cannot read
+        (the call must be planned afresh)."""
         if argument is None:
             argument = _params.as_argument(self.record)
+        extras = []
         for k in self.launches:
-            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream)
+            extra = () if k.tensor_maps is None else k.tensor_maps.arguments(argument)
+            if extra is None:
+                return False
+            extras.append(extra)
+        for k, extra in zip(self.launches, extras):
+            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream, extra)
+        return True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -98,13 +109,18 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.out.fill(0)
         views.lse.fill(-np.inf)
         return None
-    variant, tiles, smem = _tiles.forward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
-    )
+    general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
+    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True)
+    maps = None
+    if variant.kernel_file == _tiles.WS_FWD_FILE:
+        maps = _tma.forward_maps(views, opts.layout, dims.varlen, tiles.block_m, tiles.block_n,
+                                 _params.params_dtype(), lambda a: _params.qkv_strides(a, opts, dims.varlen))
+        if maps is None:  # TMA cannot read q, k or v: the wgmma kernel takes the call
+            variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch)
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem),), p.pack())
+    plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem, maps),), p.pack())
     plan.run(stream)
     return plan
 
