@@ -126,7 +126,15 @@ def run_correctness(dog: Watchdog) -> int:
 
     _build.module = recording
     failed = 0
-    for case in correctness_cases():
+    from cuflash import _launch
+
+    plain = [(case, None) for case in correctness_cases()]
+    # Persistent grids of a few blocks, each walking many query tiles.
+    persistent = [(case, blocks) for case in correctness_cases()[::4] for blocks in (1, 5)]
+    for case, blocks in plain + persistent:
+        _tiles.WS_PERSISTENT = blocks is not None
+        if blocks is not None:
+            _launch.sm_count = lambda device_index, blocks=blocks: blocks
         files.clear()
         _fast.clear()
         dog.arm(20.0, repr(case))  # compiles on first use (~2 s), then milliseconds
@@ -144,7 +152,8 @@ def run_correctness(dog: Watchdog) -> int:
             status, worst = f"ERROR {type(exc).__name__}: {str(exc)[:300]}", None
             failed += 1
         dog.disarm()
-        print(json.dumps({"case": repr(case), "status": status, "worst": worst}), flush=True)
+        print(json.dumps({"case": repr(case), "persistent_blocks": blocks, "status": status, "worst": worst}),
+              flush=True)
     return 1 if failed else 0
 
 
@@ -181,7 +190,7 @@ def run_timing(dog: Watchdog, skip_ws: bool, quick: bool) -> int:
     import cuflash
     from cuflash import _fast, _tiles
 
-    systems = ([] if skip_ws else ["ws"]) + ["sm90", "sdpa_cudnn", "sdpa_flash"]
+    systems = ([] if skip_ws else ["ws", "ws_persistent"]) + ["sm90", "sdpa_cudnn", "sdpa_flash"]
     seqlens = (1024, 4096) if quick else (1024, 4096, 16384)
     tokens, width = 16384, 2048
     for d in (64, 128, 256):
@@ -196,8 +205,9 @@ def run_timing(dog: Watchdog, skip_ws: bool, quick: bool) -> int:
                 for system in systems:
                     what = f"{system} d={d} seqlen={seqlen} causal={causal}"
                     try:
-                        if system in ("ws", "sm90"):
-                            _tiles.FWD_FAMILY = system
+                        if system in ("ws", "ws_persistent", "sm90"):
+                            _tiles.FWD_FAMILY = "sm90" if system == "sm90" else "ws"
+                            _tiles.WS_PERSISTENT = system == "ws_persistent"
                             _fast.clear()
 
                             def fn(q=q, k=k, v=v, causal=causal):
@@ -286,10 +296,11 @@ def main() -> int:
     extra = (["--skip-ws"] if hung else []) + (["--quick"] if args.quick else [])
     budget = max(175 - (time.time() - t0), 30)
     _, table = child("timing", budget, extra)
-    systems = ("ws", "sm90", "sdpa_cudnn", "sdpa_flash")
-    print("\nbf16 forward, 16k tokens, heads x head_dim = 2048: TFLOP/s and ratios")
-    print(f"{'d':>4} {'seqlen':>6} {'causal':>6} " + " ".join(f"{s:>10}" for s in systems)
-          + f" {'ws/cudnn':>9} {'ws/sm90':>8} {'ws/fa2':>7}")
+    systems = ("ws", "ws_persistent", "sm90", "sdpa_cudnn", "sdpa_flash")
+    print("\nbf16 forward, 16k tokens, heads x head_dim = 2048: TFLOP/s and ratios "
+          "(ws_pers: the same kernel on one block per SM)")
+    print(f"{'d':>4} {'seqlen':>6} {'causal':>6} " + " ".join(f"{s[:10]:>10}" for s in systems)
+          + f" {'ws/cudnn':>9} {'pers/cudnn':>10} {'ws/sm90':>8} {'ws/fa2':>7}")
 
     def fmt(x, spec="{:10.0f}"):
         return spec.format(x) if isinstance(x, (int, float)) else " " * (len(spec.format(0.0)) - 1) + "-"
@@ -303,6 +314,7 @@ def main() -> int:
             continue
         print(f"{r['d']:>4} {r['seqlen']:>6} {r['causal']!s:>6} " + " ".join(fmt(r.get(s)) for s in systems)
               + " " + fmt(ratio(r.get("ws"), r.get("sdpa_cudnn")), "{:9.2f}")
+              + " " + fmt(ratio(r.get("ws_persistent"), r.get("sdpa_cudnn")), "{:10.2f}")
               + " " + fmt(ratio(r.get("ws"), r.get("sm90")), "{:8.2f}")
               + " " + fmt(ratio(r.get("ws"), r.get("sdpa_flash")), "{:7.2f}"))
         for s in systems:

@@ -142,9 +142,9 @@ def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | No
 
 def _tuning() -> tuple | None:
     """Tile choices forced for tuning (benchmarks/tune.py), which change the launches."""
-    if not _tiles.OVERRIDES and _tiles.WGMMA_ENABLED and _tiles.FWD_FAMILY == "ws":
+    if not _tiles.OVERRIDES and _tiles.WGMMA_ENABLED and _tiles.FWD_FAMILY == "ws" and not _tiles.WS_PERSISTENT:
         return None
-    return tuple(_tiles.OVERRIDES.items()), _tiles.WGMMA_ENABLED, _tiles.FWD_FAMILY
+    return tuple(_tiles.OVERRIDES.items()), _tiles.WGMMA_ENABLED, _tiles.FWD_FAMILY, _tiles.WS_PERSISTENT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,18 @@ def smem_limit(device_index: int) -> int:
         return _smem_limits[device_index]
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device_index: int) -> int:
+    with _limits_lock:
+        if device_index not in _sm_counts:
+            import cupy
+
+            _sm_counts[device_index] = int(cupy.cuda.Device(device_index).attributes["MultiProcessorCount"])
+        return _sm_counts[device_index]
+
+
 _functions: dict[tuple[int, str], Any] = {}
 
 
@@ -120,7 +132,10 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem, maps),), p.pack())
+    blocks = p["num_m_blocks"] * rows
+    if maps is not None and _tiles.WS_PERSISTENT and blocks <= _MAX_GRID:
+        blocks = min(blocks, sm_count(device_index))  # the kernel loops over the query tiles
+    plan = Plan((Launch(mod, "cuflash_fwd", blocks, tiles.threads, smem, maps),), p.pack())
     plan.run(stream)
     return plan
 

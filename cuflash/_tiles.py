@@ -177,6 +177,10 @@ _WS_FWD_TABLE = (
 # wgmma kernel). Tests and benchmarks set it to run both.
 FWD_FAMILIES = ("ws", "sm90")
 FWD_FAMILY = os.environ.get("CUFLASH_FWD_FAMILY", "ws")
+# The warp-specialised forward as a persistent kernel: one block per SM, each taking every
+# grid-th query tile (sections of heads sharing L2, heaviest tiles first) instead of one
+# block per tile. The same cubin serves both; off until measured (benchmarks/ws_check.py).
+WS_PERSISTENT = os.environ.get("CUFLASH_FWD_PERSISTENT", "0") == "1"
 WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
 WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
 
@@ -228,9 +232,9 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, gene
 
 def ws_fwd_smem(t: Tiles, head_dim: int) -> int:
     """FwdWs::kSmemBytes + 1 KB to align the swizzle atoms: Q, `stages` slots of K and of V
-    (head dim padded to 64), and 1 + 4 x stages 8-byte mbarriers."""
+    (head dim padded to 64), and 2 + 4 x stages 8-byte mbarriers."""
     d64 = -(-head_dim // 64) * 64
-    return (t.block_m + 2 * t.stages * t.block_n) * d64 * 2 + 8 * (1 + 4 * t.stages) + 1024
+    return (t.block_m + 2 * t.stages * t.block_n) * d64 * 2 + 8 * (2 + 4 * t.stages) + 1024
 
 
 def _ws_tiles(bucket: int, smem_limit: int) -> Tiles | None:

@@ -120,6 +120,32 @@ def test_property_cases_match_float64(case, kernels_run):
     _run_ws(case, kernels_run)
 
 
+def _persistent_cases() -> list[Case]:
+    return [
+        Case(batch=2, seqlen_q=1000, seqlen_k=1001, heads=3, heads_kv=1, head_dim=64, dtype="bf16", causal=True),
+        Case(batch=3, seqlen_q=257, seqlen_k=389, heads=2, heads_kv=2, head_dim=128, dtype="fp16"),
+        Case(batch=1, seqlen_q=389, seqlen_k=131, heads=4, heads_kv=2, head_dim=256, dtype="bf16", causal=True,
+             alignment="top_left"),
+        Case(seqlen_q=300, seqlen_k=40, causal=True, dtype="fp16", heads=4, heads_kv=4),  # rows without keys
+        Case(seqlen_q=500, seqlen_k=500, window=(37, 5), dtype="bf16", head_dim=128),
+        Case(heads=2, heads_kv=1, dtype="bf16", head_dim=128, varlen=((5, 7), (0, 9), (130, 1), (257, 300), (1, 0))),
+        Case(heads=4, heads_kv=2, dtype="fp16", head_dim=64, causal=True, varlen=((200, 200), (131, 129), (17, 260))),
+    ]
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+@pytest.mark.parametrize("case", _persistent_cases(), ids=repr)
+def test_persistent_blocks_walking_many_tiles_match_float64(case, blocks, kernels_run, monkeypatch):
+    """The persistent grid with a few blocks, so each walks many query tiles: the K/V ring,
+    the Q slot (which doubles as O's staging) and the consumers' turn order carry over
+    from tile to tile, through tiles with no key at all."""
+    from cuflash import _launch
+
+    monkeypatch.setattr(_tiles, "WS_PERSISTENT", True)
+    monkeypatch.setattr(_launch, "sm_count", lambda device_index: blocks)
+    _run_ws(case, kernels_run)
+
+
 def test_a_packed_sequences_neighbour_never_reaches_its_output(kernels_run):
     """The last key tile of a packed sequence runs into the next sequence's rows: inf and
     NaN there must change nothing (their scores are masked and their V rows zeroed)."""
