@@ -378,6 +378,7 @@ struct FwdWs {
             }
             if (tiles > 0) {
                 named_sync(kOStaged + wg, 128);  // every thread read its staged rows
+                fence_proxy_async();              // st.shared staging before the next Q's TMA writes
                 release(q_empty);
                 ++q_loads;
             }

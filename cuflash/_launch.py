@@ -9,6 +9,7 @@ library and return them in the caller's array type.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from typing import Any
 
@@ -20,6 +21,7 @@ from ._params import Views
 from ._validate import Dims
 
 _MAX_GRID = 2**31 - 1
+_log = logging.getLogger("cuflash")
 _smem_limits: dict[int, int] = {}
 _limits_lock = threading.Lock()
 
@@ -109,10 +111,30 @@ def _cdiv(a: int, b: int) -> int:
 # ---- on views -----------------------------------------------------------------------------
 
 
+def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
+                    record: Any) -> tuple[_build.Variant, _tiles.Tiles, int, _tma.ForwardMaps | None]:
+    """(variant, tiles, shared memory, TMA maps or None) of the forward: the warp-specialised
+    kernel where the planner picks it and TMA can read q, k and v, else what the planner
+    picks without TMA."""
+    dtype = np.dtype(views.q.dtype)
+    general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
+    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True)
+    if variant.kernel_file != _tiles.WS_FWD_FILE:
+        return variant, tiles, smem, None
+    maps = _tma.forward_maps(views, opts.layout, dims.varlen, tiles.block_m, tiles.block_n,
+                             _params.params_dtype(), lambda a: _params.qkv_strides(a, opts, dims.varlen))
+    if maps is not None:
+        try:
+            maps.arguments(_params.as_argument(record.pack()))  # encoded now, cached for the launch
+            return variant, tiles, smem, maps
+        except RuntimeError as exc:  # a layout the driver refuses: the wgmma kernel serves it
+            _log.warning("cuflash: TMA descriptors refused (%s); using the wgmma forward", exc)
+    return (*_tiles.forward_variant(dtype, dims.head_dim, general, limit, arch), None)
+
+
 def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
     """Fill views.out and views.lse; return what was launched (None when nothing was:
     zero-size problems launch nothing, and a problem without keys is filled in place)."""
-    dtype = np.dtype(views.q.dtype)
     rows = dims.batch * dims.num_heads
     if rows == 0 or dims.seqlen_q == 0:
         return None
@@ -121,16 +143,9 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.out.fill(0)
         views.lse.fill(-np.inf)
         return None
-    general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
-    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True)
-    maps = None
-    if variant.kernel_file == _tiles.WS_FWD_FILE:
-        maps = _tma.forward_maps(views, opts.layout, dims.varlen, tiles.block_m, tiles.block_n,
-                                 _params.params_dtype(), lambda a: _params.qkv_strides(a, opts, dims.varlen))
-        if maps is None:  # TMA cannot read q, k or v: the wgmma kernel takes the call
-            variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch)
-    mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
+    variant, tiles, smem, maps = _forward_kernel(views, opts, dims, device_index, p)
+    mod = _build.module(variant, device_index)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
     blocks = p["num_m_blocks"] * rows
     if maps is not None and _tiles.WS_PERSISTENT and blocks <= _MAX_GRID:

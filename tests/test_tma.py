@@ -158,3 +158,37 @@ def test_shipped_variants_include_the_family_whatever_the_switch(monkeypatch):
     ws = [v for v in _tiles.shipped_variants("sm_90") if v.kernel_file == _tiles.WS_FWD_FILE]
     assert len(ws) == len(set(ws)) == 6  # fp16, bf16 x head dims 64, 128, 256
     assert not [v for v in _tiles.shipped_variants("sm_80") if v.kernel_file == _tiles.WS_FWD_FILE]
+
+
+def _plan(monkeypatch, views, encode=None):
+    from cuflash import _build, _launch
+    from cuflash._validate import Dims
+
+    monkeypatch.setattr(_tma, "available", lambda: True)
+    monkeypatch.setattr(_build, "arch_of", lambda device_index: "sm_90")
+    monkeypatch.setattr(_launch, "smem_limit", lambda device_index: _tiles.SMEM_LIMIT["sm_90"])
+    monkeypatch.setattr(_tma, "encode", encode or (lambda shape, address, bf16: np.zeros((), dtype=_tma.DESCRIPTOR)))
+    opts = make_options(causal=True)
+    dims = Dims(batch=2, seqlen_q=70, seqlen_k=70, num_heads=4, num_heads_kv=4, head_dim=64)
+    record = _params.fill(views, opts, dims)
+    return _launch._forward_kernel(views, opts, dims, 0, record)
+
+
+def test_the_launch_plans_the_family_with_its_maps(monkeypatch):
+    variant, tiles, smem, maps = _plan(monkeypatch, _views())
+    assert variant.kernel_file == _tiles.WS_FWD_FILE and maps is not None and tiles.threads == 384
+    assert [s.dims for s in maps.shapes] == [(64, 70, 4, 2)] * 3
+    assert [s.box[1] for s in maps.shapes] == [tiles.block_m, tiles.block_n, tiles.block_n]
+
+
+def test_the_launch_falls_back_to_the_wgmma_kernel(monkeypatch, caplog):
+    variant, _, _, maps = _plan(monkeypatch, _views(q_ptr=(1 << 20) + 2))  # q not 16-byte aligned
+    assert variant.kernel_file == "flash_fwd_sm90.cu" and maps is None
+
+    def refuse(shape, address, bf16):
+        raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+
+    with caplog.at_level("WARNING", logger="cuflash"):
+        variant, _, _, maps = _plan(monkeypatch, _views(), encode=refuse)
+    assert variant.kernel_file == "flash_fwd_sm90.cu" and maps is None
+    assert "TMA descriptors refused" in caplog.text
