@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,7 @@ class ForwardMaps:
         self.bf16 = bf16
         self.pointer_slots = pointer_slots  # 8-byte word index of q, k, v in the record
         self._recent: dict[tuple[int, int, int], tuple[np.ndarray, ...]] = {}
+        self._lock = threading.Lock()
 
     def arguments(self, argument: np.ndarray) -> tuple[np.ndarray, ...] | None:
         """The descriptors for the record `argument` (as `_params.as_argument` gives it),
@@ -120,9 +122,10 @@ class ForwardMaps:
             if any(ptr % 16 for ptr in pointers):
                 return None
             found = tuple(encode(s, ptr, self.bf16) for s, ptr in zip(self.shapes, pointers))
-            if len(self._recent) >= self._KEEP:
-                self._recent.pop(next(iter(self._recent)))
-            self._recent[pointers] = found
+            with self._lock:  # plans are shared between threads
+                while len(self._recent) >= self._KEEP:
+                    self._recent.pop(next(iter(self._recent)))
+                self._recent[pointers] = found
         return found
 
 

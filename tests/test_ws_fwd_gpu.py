@@ -170,6 +170,13 @@ def test_a_packed_sequences_neighbour_never_reaches_its_output(kernels_run):
     assert np.array_equal(host(clean[1])[:, : lens[0]], host(dirty[1])[:, : lens[0]])
 
 
+def _close(got, ref, dtype) -> bool:
+    """Within a few units of the dtype's rounding at the output's scale: loose next to the
+    tolerance method, but an output computed from the wrong memory is off by O(1)."""
+    eps = 2.0**-8 if dtype == "bf16" else 2.0**-11
+    return bool(np.abs(got - ref).max() <= 8 * eps * max(1.0, float(np.abs(ref).max())))
+
+
 def _fused_qkv(rng, b, n, h, d, dtype, extra):
     """q, k, v as slices of one (b, n, 3h + extra heads, d) buffer: strided rows."""
     buf = rng.standard_normal((b, n, 3 * h + extra, d), dtype=np.float32).astype(dtype)
@@ -185,8 +192,7 @@ def test_strided_inputs_read_by_tma_match_float64(kernels_run, causal):
     out, lse = cuflash.forward(dq, dk, dv, causal=causal)
     assert _tiles.WS_FWD_FILE in kernels_run
     ref_out, ref_lse = reference.forward(q, k, v, causal=causal)
-    assert np.abs(host(out) - ref_out).max() < 4e-3
-    assert np.abs(host(lse) - ref_lse).max() < 1e-3
+    assert _close(host(out), ref_out, "fp16") and _close(host(lse), ref_lse, "fp16")
 
 
 def test_inputs_tma_cannot_read_take_the_wgmma_kernel(kernels_run):
@@ -202,7 +208,7 @@ def test_inputs_tma_cannot_read_take_the_wgmma_kernel(kernels_run):
     out, _ = cuflash.forward(dq, dev(q), dev(q))
     assert _tiles.WS_FWD_FILE not in kernels_run and "flash_fwd_sm90.cu" in kernels_run
     ref_out, _ = reference.forward(q, q, q)
-    assert np.abs(host(out) - ref_out).max() < 4e-3
+    assert _close(host(out), ref_out, "fp16")
 
 
 def test_repeat_calls_rebuild_descriptors_for_new_pointers(kernels_run):
@@ -218,13 +224,13 @@ def test_repeat_calls_rebuild_descriptors_for_new_pointers(kernels_run):
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
         out, _ = cuflash.forward(q, k, v, causal=True)
         ref_out, _ = reference.forward(*(t.float().cpu().numpy() for t in (q, k, v)), causal=True)
-        assert np.abs(out.float().cpu().numpy() - ref_out).max() < 3e-2
+        assert _close(out.float().cpu().numpy(), ref_out, "bf16")
         outs.append(out)
     base = torch.randn((q.numel() + 8,), device="cuda", dtype=torch.bfloat16, generator=gen)
     q_odd = base[1 : 1 + q.numel()].view(shape)
     out, _ = cuflash.forward(q_odd, k, v, causal=True)
     ref_out, _ = reference.forward(*(t.float().cpu().numpy() for t in (q_odd, k, v)), causal=True)
-    assert np.abs(out.float().cpu().numpy() - ref_out).max() < 3e-2
+    assert _close(out.float().cpu().numpy(), ref_out, "bf16")
 
 
 def test_offsets_beyond_2_pow_31_elements(kernels_run):
@@ -242,7 +248,7 @@ def test_offsets_beyond_2_pow_31_elements(kernels_run):
     out, _ = cuflash.forward(view, view, view, causal=True)
     assert _tiles.WS_FWD_FILE in kernels_run
     ref_out, _ = reference.forward(data, data, data, causal=True)
-    assert np.abs(host(out) - ref_out).max() < 4e-3
+    assert _close(host(out), ref_out, "fp16")
     del buf, view
 
 
