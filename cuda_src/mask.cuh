@@ -44,12 +44,11 @@ struct SeqInfo {
 
 // The query tile of a block of the forward and the deterministic dQ kernels: blocks walk
 // the query tiles from the last (the heaviest under causal masking, so they start first),
-// then (batch, head).
+// then (batch, head). A persistent kernel passes the linear index of each tile it takes.
 struct QueryBlock {
     int bh, b, h, hk, m0;
 
-    CF_DEVICE QueryBlock(const Params& p, int block_m) {
-        const i64 linear = blockIdx.x;
+    CF_DEVICE QueryBlock(const Params& p, int block_m, i64 linear = blockIdx.x) {
         const int m_block = p.num_m_blocks - 1 - (int)(linear % p.num_m_blocks);
         bh = (int)(linear / p.num_m_blocks);
         b = bh / p.num_heads;

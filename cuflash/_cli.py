@@ -184,7 +184,8 @@ def kernel_families(arch: str, smem_limit: int) -> dict[str, list[KernelFile]]:
         target = f"{arch}{variant.arch_suffix}"
         key = (variant.kernel_file, target)
         entry = files.setdefault(key, KernelFile(variant.kernel_file, target))
-        family_of[key] = "wgmma" if tiles.wgmma else "mma.sync"
+        family_of[key] = ("wgmma + TMA, warp-specialised" if variant.kernel_file == _tiles.WS_FWD_FILE
+                          else "wgmma" if tiles.wgmma else "mma.sync")
         entry.roles.add(role)
         entry.dtypes.add(np.dtype(dtype).name)
         entry.buckets.add(bucket)
@@ -195,6 +196,9 @@ def kernel_families(arch: str, smem_limit: int) -> dict[str, list[KernelFile]]:
             for general in (False, True):
                 variant, tiles, _ = _tiles.forward_variant(dtype, bucket, general, smem_limit, arch)
                 serve(variant, tiles, "forward", dtype, bucket, general)
+                ws, ws_tiles, _ = _tiles.forward_variant(dtype, bucket, general, smem_limit, arch, tma=True)
+                if ws != variant:
+                    serve(ws, ws_tiles, "forward", dtype, bucket, general)
                 try:
                     plan = _tiles.backward_variant(dtype, bucket, general, smem_limit, arch)
                 except _tiles.UnsupportedConfig:

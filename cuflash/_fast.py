@@ -142,9 +142,9 @@ def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | No
 
 def _tuning() -> tuple | None:
     """Tile choices forced for tuning (benchmarks/tune.py), which change the launches."""
-    if not _tiles.OVERRIDES and _tiles.WGMMA_ENABLED:
+    if not _tiles.OVERRIDES and _tiles.WGMMA_ENABLED and _tiles.FWD_FAMILY == "ws" and not _tiles.WS_PERSISTENT:
         return None
-    return tuple(_tiles.OVERRIDES.items()), _tiles.WGMMA_ENABLED
+    return tuple(_tiles.OVERRIDES.items()), _tiles.WGMMA_ENABLED, _tiles.FWD_FAMILY, _tiles.WS_PERSISTENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +195,8 @@ def run(key: tuple, arrays: tuple, seed: int | None) -> tuple | None:
         outs = [empty(library.name, arrays[0], shape, dtype) for shape, dtype in entry.outputs]
         pointers = [library.pointer(a) for a in arrays]
         pointers += [library.pointer(o) for o in outs]
-        entry.plan.run(stream, entry.repoint(pointers, 0 if seed is None else seed))
+        if not entry.plan.run(stream, entry.repoint(pointers, 0 if seed is None else seed)):
+            return None  # pointers the planned kernel cannot read (TMA alignment): the full path plans again
     return tuple(outs[: entry.returned])
 
 

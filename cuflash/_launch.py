@@ -9,18 +9,20 @@ library and return them in the caller's array type.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from typing import Any
 
 import numpy as np
 
-from . import _build, _fast, _interop, _params, _tiles
+from . import _build, _fast, _interop, _params, _tiles, _tma
 from ._interop import BFLOAT16
 from ._options import Options
 from ._params import Views
 from ._validate import Dims
 
 _MAX_GRID = 2**31 - 1
+_log = logging.getLogger("cuflash")
 _smem_limits: dict[int, int] = {}
 _limits_lock = threading.Lock()
 
@@ -39,12 +41,25 @@ def smem_limit(device_index: int) -> int:
         return _smem_limits[device_index]
 
 
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device_index: int) -> int:
+    with _limits_lock:
+        if device_index not in _sm_counts:
+            import cupy
+
+            _sm_counts[device_index] = int(cupy.cuda.Device(device_index).attributes["MultiProcessorCount"])
+        return _sm_counts[device_index]
+
+
 _functions: dict[tuple[int, str], Any] = {}
 
 
-def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any) -> None:
+def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: np.ndarray, stream: Any,
+            extra: tuple = ()) -> None:
     """Launch kernel `name` of `mod`; `params` is the Params record as `_params.as_argument`
-    makes it, passed by value."""
+    makes it, passed by value, followed by the `extra` arguments (TMA descriptors)."""
     if blocks == 0:
         return
     if blocks > _MAX_GRID:
@@ -56,7 +71,7 @@ def _launch(mod: Any, name: str, blocks: int, threads: int, smem: int, params: n
         if smem > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = smem
         _functions[key] = kernel
-    kernel((blocks,), (threads,), (params,), shared_mem=smem, stream=stream)
+    kernel((blocks,), (threads,), (params, *extra), shared_mem=smem, stream=stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +81,7 @@ class Launch:
     blocks: int
     threads: int
     smem: int
+    tensor_maps: _tma.ForwardMaps | None = None  # TMA descriptors, rebuilt per pointers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +91,22 @@ class Plan:
     launches: tuple[Launch, ...]
     record: np.ndarray
 
-    def run(self, stream: Any, argument: np.ndarray | None = None) -> None:
+    def run(self, stream: Any, argument: np.ndarray | None = None) -> bool:
         """Launch on `stream`, with `argument` (a record as `_params.as_argument` gives it,
-        e.g. from `_params.Repointer`) in place of the plan's own record."""
+        e.g. from `_params.Repointer`) in place of the plan's own record. Returns False,
+        launching nothing, when a kernel reading through TMA gets pointers TMA cannot read
+        (the call must be planned afresh)."""
         if argument is None:
             argument = _params.as_argument(self.record)
+        extras = []
         for k in self.launches:
-            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream)
+            extra = () if k.tensor_maps is None else k.tensor_maps.arguments(argument)
+            if extra is None:
+                return False
+            extras.append(extra)
+        for k, extra in zip(self.launches, extras):
+            _launch(k.mod, k.name, k.blocks, k.threads, k.smem, argument, stream, extra)
+        return True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -91,10 +116,30 @@ def _cdiv(a: int, b: int) -> int:
 # ---- on views -----------------------------------------------------------------------------
 
 
+def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
+                    record: Any) -> tuple[_build.Variant, _tiles.Tiles, int, _tma.ForwardMaps | None]:
+    """(variant, tiles, shared memory, TMA maps or None) of the forward: the warp-specialised
+    kernel where the planner picks it and TMA can read q, k and v, else what the planner
+    picks without TMA."""
+    dtype = np.dtype(views.q.dtype)
+    general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
+    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True)
+    if variant.kernel_file != _tiles.WS_FWD_FILE:
+        return variant, tiles, smem, None
+    maps = _tma.forward_maps(views, opts.layout, dims.varlen, tiles.block_m, tiles.block_n,
+                             _params.params_dtype(), lambda a: _params.qkv_strides(a, opts, dims.varlen))
+    if maps is not None:
+        try:
+            maps.arguments(_params.as_argument(record.pack()))  # encoded now, cached for the launch
+            return variant, tiles, smem, maps
+        except RuntimeError as exc:  # a layout the driver refuses: the wgmma kernel serves it
+            _log.warning("cuflash: TMA descriptors refused (%s); using the wgmma forward", exc)
+    return (*_tiles.forward_variant(dtype, dims.head_dim, general, limit, arch), None)
+
+
 def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
     """Fill views.out and views.lse; return what was launched (None when nothing was:
     zero-size problems launch nothing, and a problem without keys is filled in place)."""
-    dtype = np.dtype(views.q.dtype)
     rows = dims.batch * dims.num_heads
     if rows == 0 or dims.seqlen_q == 0:
         return None
@@ -103,13 +148,14 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.out.fill(0)
         views.lse.fill(-np.inf)
         return None
-    variant, tiles, smem = _tiles.forward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
-    )
-    mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
+    variant, tiles, smem, maps = _forward_kernel(views, opts, dims, device_index, p)
+    mod = _build.module(variant, device_index)
     p["num_m_blocks"] = _cdiv(dims.seqlen_q, tiles.block_m)
-    plan = Plan((Launch(mod, "cuflash_fwd", p["num_m_blocks"] * rows, tiles.threads, smem),), p.pack())
+    blocks = p["num_m_blocks"] * rows
+    if maps is not None and _tiles.WS_PERSISTENT and blocks <= _MAX_GRID:
+        blocks = min(blocks, sm_count(device_index))  # the kernel loops over the query tiles
+    plan = Plan((Launch(mod, "cuflash_fwd", blocks, tiles.threads, smem, maps),), p.pack())
     plan.run(stream)
     return plan
 

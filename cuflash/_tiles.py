@@ -9,6 +9,7 @@ the kernels compute the same sizes (kSmemBytes).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -189,6 +190,26 @@ _SM90_BWD_TABLE = (
     (128, Tiles(64, 128, 8, 2, wgmma=True), "d<=128: 64-query tiles (Sᵀ, dPᵀ 32 registers each beside dK, dV 64 each), dQ split by columns, 150 KB: 293 vs 248; one warpgroup per block 266"),
     (256, Tiles(64, 64, 8, 2, wgmma=True), "d=224, 256: two warpgroups per 64 keys split dK, dV, dQ by head-dim halves (64 registers each) and Sᵀ, dPᵀ by query halves; Pᵀ, dSᵀ through shared memory, 210 KB: 239 vs 196 TFLOP/s at 4k on mma.sync"),
 )
+# Warp-specialised Hopper forward (16-bit, no score modifiers; flash_fwd_ws_sm90.cu): 128
+# query rows per block in two consumer warpgroups of 64 beside one producer warpgroup (12
+# warps); K and V arrive by TMA in a ring of `stages` slots. Planned where TMA can read q, k
+# and v (16-byte aligned pointers and strides, _tma.map_shape) and the head dim pads to 64,
+# 128 or 256; the wgmma kernel above serves every other 16-bit call on Hopper.
+WS_FWD_FILE = "flash_fwd_ws_sm90.cu"
+_WS_FWD_TABLE = (
+    (64, Tiles(128, 128, 12, stages=4, wgmma=True), "d<=64: 128-key tiles, 4 stages (144 KB): loads run far ahead of the short products"),
+    (128, Tiles(128, 128, 12, stages=2, wgmma=True), "d<=128: 128-key tiles, 2 stages (160 KB); S and P 96 registers beside O's 64"),
+    (256, Tiles(128, 64, 12, stages=2, wgmma=True), "d<=256: O holds 128 fp32 registers, so 64-key tiles; 2 stages (192 KB)"),
+)
+# Which Hopper forward family plans 16-bit calls without modifiers: "ws" (the
+# warp-specialised kernel where it applies, else the wgmma kernel) or "sm90" (always the
+# wgmma kernel). Tests and benchmarks set it to run both.
+FWD_FAMILIES = ("ws", "sm90")
+FWD_FAMILY = os.environ.get("CUFLASH_FWD_FAMILY", "ws")
+# The warp-specialised forward as a persistent kernel: one block per SM, each taking every
+# grid-th query tile (sections of heads sharing L2, heaviest tiles first) instead of one
+# block per tile. The same cubin serves both; off until measured (benchmarks/ws_check.py).
+WS_PERSISTENT = os.environ.get("CUFLASH_FWD_PERSISTENT", "0") == "1"
 WGMMA_ARCHES = ("sm_90",)  # built as sm_90a: the cubin runs on exactly this architecture
 WGMMA_ENABLED = True  # False plans the portable kernel everywhere (benchmarks compare the two)
 
@@ -238,6 +259,30 @@ def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, gene
     )
 
 
+def ws_fwd_smem(t: Tiles, head_dim: int) -> int:
+    """FwdWs::kSmemBytes + 1 KB to align the swizzle atoms: Q, `stages` slots of K and of V
+    (head dim padded to 64), and 2 + 4 x stages 8-byte mbarriers."""
+    d64 = -(-head_dim // 64) * 64
+    return (t.block_m + 2 * t.stages * t.block_n) * d64 * 2 + 8 * (2 + 4 * t.stages) + 1024
+
+
+def _ws_tiles(bucket: int, smem_limit: int) -> Tiles | None:
+    padded = -(-bucket // 64) * 64
+    if padded not in (64, 128, 256):
+        return None  # d=160, 192: no table row (wgmma kernel)
+    forced = OVERRIDES.get(("fwd_ws", False, bucket))
+    for max_d, tiles, _reason in (((padded, forced, "override"),) if forced else ()) + _WS_FWD_TABLE:
+        if padded <= max_d and ws_fwd_smem(tiles, padded) <= smem_limit:
+            return tiles
+    return None
+
+
+def _fwd_family() -> str:
+    if FWD_FAMILY not in FWD_FAMILIES:
+        raise ValueError(f"CUFLASH_FWD_FAMILY={FWD_FAMILY!r} must be one of {FWD_FAMILIES}")
+    return FWD_FAMILY
+
+
 def _sm90_fwd_smem(t: Tiles, head_dim: int) -> int:
     return fwd_smem(t, head_dim, 2)
 
@@ -275,12 +320,29 @@ def forward_variant(
     general: bool,
     smem_limit: int,
     arch: str | None = None,
+    tma: bool = False,
+    family: str | None = None,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
-    score modifiers get the warpgroup MMA kernel; arch=None plans the portable one."""
+    score modifiers get the warp-specialised kernel when `tma` (TMA can read q, k and v)
+    and the family (`family`, default FWD_FAMILY) allow it, else the warpgroup MMA kernel; arch=None plans the portable
+    one."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
+    if _wgmma_applies(arch, general, elem) and tma and (family or _fwd_family()) == "ws":
+        t = _ws_tiles(bucket, smem_limit)
+        if t is not None:
+            padded = -(-bucket // 64) * 64
+            smem = ws_fwd_smem(t, padded)
+            defines = (
+                ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
+                ("CF_HEAD_DIM", padded),
+                ("CF_FWD_BLOCK_N", t.block_n),
+                ("CF_FWD_STAGES", t.stages),
+                ("CF_FWD_SMEM", smem),
+            )
+            return Variant(WS_FWD_FILE, defines, arch_suffix="a"), t, smem
     if _wgmma_applies(arch, general, elem):
         t = _sm90_tiles("fwd_sm90", bucket, smem_limit)
         if t is not None:
@@ -371,9 +433,10 @@ def shipped_variants(arch: str) -> list[Variant]:
             for general in (False, True):
                 out.append(forward_variant(dtype, bucket, general, limit)[0])
                 if arch in WGMMA_ARCHES:
-                    wg = forward_variant(dtype, bucket, general, limit, arch)[0]
-                    if wg.arch_suffix:
-                        out.append(wg)
+                    for tma in (False, True):
+                        wg = forward_variant(dtype, bucket, general, limit, arch, tma=tma, family="ws")[0]
+                        if wg.arch_suffix and wg not in out:
+                            out.append(wg)
                 try:
                     out.append(backward_variant(dtype, bucket, general, limit).variant)
                 except UnsupportedConfig:

@@ -8,8 +8,10 @@ initcheck and synccheck and records each tool's error count).
 Each case runs the forward and the backward (and the probabilities kernel once) on fresh
 random inputs with odd lengths, and checks the results against the float64 reference, so
 a run under a sanitizer also proves the instrumented kernels computed the right thing. The
-Hopper family is planned where the GPU has it; `_tiles.WGMMA_ENABLED = False` forces the
-portable family for the same problems.
+Hopper families are planned where the GPU has them: the warp-specialised forward (one block
+per tile, and persistent on two blocks so each walks many tiles), then the wgmma forward
+(`_tiles.FWD_FAMILY = "sm90"`); `_tiles.WGMMA_ENABLED = False` forces the portable family
+for the same problems.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cuflash  # noqa: E402
-from cuflash import _tiles, reference  # noqa: E402
+from cuflash import _launch, _tiles, reference  # noqa: E402
 from cuflash._interop import BFLOAT16  # noqa: E402
 
 # (name, dtype, batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, options)
@@ -106,9 +108,14 @@ def main() -> int:
 
     rng = np.random.default_rng()
     failures = []
-    families = [("hopper-or-default", True), ("portable", False)]
-    for family, wgmma in families:
-        _tiles.WGMMA_ENABLED = wgmma
+    # (name, WGMMA_ENABLED, FWD_FAMILY, persistent blocks or None)
+    families = [("hopper-ws", True, "ws", None), ("hopper-ws-persistent", True, "ws", 2),
+                ("hopper-wgmma", True, "sm90", None), ("portable", False, "ws", None)]
+    real_sm_count = _launch.sm_count
+    for family, wgmma, fwd_family, blocks in families:
+        _tiles.WGMMA_ENABLED, _tiles.FWD_FAMILY = wgmma, fwd_family
+        _tiles.WS_PERSISTENT = blocks is not None
+        _launch.sm_count = real_sm_count if blocks is None else (lambda device_index, blocks=blocks: blocks)
         for case in CASES:
             worst = run_case(rng, case)
             # bf16 inputs and outputs: relative errors of a few 1e-3; 5e-2 catches wrong results.
@@ -116,7 +123,8 @@ def main() -> int:
             if status != "ok":
                 failures.append(f"{family}/{case[0]}")
             print(f"{family:18s} {case[0]:14s} rel.err {worst:.2e} {status}", flush=True)
-    _tiles.WGMMA_ENABLED = True
+    _tiles.WGMMA_ENABLED, _tiles.FWD_FAMILY, _tiles.WS_PERSISTENT = True, "ws", False
+    _launch.sm_count = real_sm_count
     cupy.cuda.runtime.deviceSynchronize()
     if failures:
         print("wrong results: " + ", ".join(failures))

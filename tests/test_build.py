@@ -166,7 +166,15 @@ def test_every_shipped_variant_compiles(arch):
     for tag, entry in report.items():
         kernels = entry["kernels"]
         assert kernels, f"{tag}: no ptxas resource report"
-        if tag.startswith("flash_fwd_sm90"):
+        if tag.startswith("flash_fwd_ws_sm90"):
+            assert set(kernels) == {"cuflash_fwd"}
+            # The consumer warpgroups hold O, S and P in registers: a spill in the key loop
+            # costs more than the warp specialisation gains. At head dim 256 (O alone is 128
+            # registers) ptxas keeps one per-thread index (4 bytes) in local memory, read
+            # once per query tile on the packed-batch path, outside the key loop (SASS).
+            allowed = 8 if "head_dim256" in tag else 0
+            assert kernels["cuflash_fwd"]["spill_stores"] <= allowed, (tag, kernels)
+        elif tag.startswith("flash_fwd_sm90"):
             assert set(kernels) == {"cuflash_fwd"}  # probabilities come from the portable module
         elif tag.startswith("flash_bwd_sm90"):
             assert set(kernels) == {"cuflash_bwd_dkdv"}  # the other kernels come from the portable module

@@ -80,3 +80,16 @@ def test_cuda_runtime_headers_compile_with_nvrtc():
         assert nvrtc.getCUBIN(prog)[:4] == b"\x7fELF"
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def test_the_tensor_map_encoder_is_installed():
+    """The Hopper warp-specialised forward encodes TMA descriptors with the driver's
+    cuTensorMapEncodeTiled through cuda-bindings (the extras install it); without it the
+    wgmma kernel serves every call."""
+    from cuflash import _tma
+
+    if not _tma.available():
+        _missing("cuda-bindings (cuda.bindings.driver)")
+    from cuda.bindings import driver
+
+    assert callable(driver.cuTensorMapEncodeTiled)
