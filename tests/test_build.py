@@ -187,6 +187,33 @@ def test_every_shipped_variant_compiles(arch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("arch", _tiles.PRE_AMPERE_ARCHES)
+def test_every_pre_ampere_variant_compiles_to_sass(arch):
+    """The Turing and Volta families: every variant a user can reach there (fp16, fp32; no
+    bf16) assembles for the real architecture. Registers, stack and spills go to
+    CUFLASH_COMPILE_REPORT when set (reports/compile-pre-ampere.md is made from it)."""
+    nonce = (("CF_BUILD_NONCE", int.from_bytes(os.urandom(3), "little")),)
+    variants = _tiles.shipped_variants(arch)
+    assert variants and all(dict(v.defines).get("CF_ELEM") != 1 for v in variants)
+    assert not any(v.arch_suffix for v in variants)
+    jobs = [(v.with_defines(nonce), arch) for v in variants]
+    context = multiprocessing.get_context("spawn")
+    report, failures = {}, []
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 16), mp_context=context) as pool:
+        for tag, arch_, seconds, log in pool.map(_build.compile_job, jobs):
+            if seconds is None:
+                failures.append(f"{tag} {arch_}: {log[:2000]}")
+            else:
+                report[tag] = {"seconds": round(seconds, 2), "kernels": _resources(log)}
+    out = os.environ.get("CUFLASH_COMPILE_REPORT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"compile-{arch}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    assert not failures, "\n".join(failures)
+    assert all(entry["kernels"] for entry in report.values())
+
+
+@needs_nvrtc
 def test_cache_key_follows_header_edits(tmp_path, monkeypatch):
     fake = tmp_path / "cuda_src"
     shutil.copytree(_build.source_dir(), fake)
