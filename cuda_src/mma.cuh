@@ -158,11 +158,12 @@ CF_DEVICE void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b) 
 }
 
 // Split two floats into three packed bf16 pairs: x = hi + mid + lo (to ~2^-27). An
-// infinite x is all in hi (x - hi would be inf - inf = NaN, turning a score of -inf, which
-// softmax treats as "no weight", into NaN).
+// infinite input makes every product it enters NaN (inf - inf in its own terms, 0 * inf
+// against the other operand's zero terms): fp32 attention turns inf in q or k into NaN
+// in every row it touches, even where the exact score would be -inf.
 CF_DEVICE void split3(float x0, float x1, u32& hi, u32& mid, u32& lo) {
     float h0 = bf16_round(x0), h1 = bf16_round(x1);
-    float r0 = fabsf(h0) == CF_INF ? 0.f : x0 - h0, r1 = fabsf(h1) == CF_INF ? 0.f : x1 - h1;
+    float r0 = x0 - h0, r1 = x1 - h1;
     float m0 = bf16_round(r0), m1 = bf16_round(r1);
     hi = pack2<bf16_t>(h0, h1);
     mid = pack2<bf16_t>(m0, m1);

@@ -115,6 +115,11 @@ def compile_variant(variant: Variant, arch: str) -> Compiled:
     """Compile with NVRTC (no GPU needed). Raises CompileError with the NVRTC log."""
     from cupy_backends.cuda.libs import nvrtc
 
+    if volta_unsupported(arch):
+        raise CompileError(
+            f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot target {arch}: CUDA 13 dropped Volta "
+            "(compute capability 7.0/7.2); install cuflash with the cuda12 extra (NVRTC 12) for a V100"
+        )
     files, _ = _sources()
     headers = [text.encode() for name, text in files.items() if name != variant.kernel_file]
     names = [name.encode() for name in files if name != variant.kernel_file]
@@ -137,6 +142,12 @@ def compile_variant(variant: Variant, arch: str) -> Compiled:
 
 def _ptx_bytes(ptx: Any) -> bytes:
     return ptx if isinstance(ptx, bytes) else ptx.encode()
+
+
+def volta_unsupported(arch: str) -> bool:
+    """Whether this NVRTC cannot build for `arch` (CUDA 13 removed compute capability 7.0/7.2)."""
+    number = int(arch.split("_")[1].rstrip("a"))
+    return number < 75 and nvrtc_version()[0] >= 13
 
 
 def compile_job(job: tuple[Variant, str]) -> tuple[str, str, float | None, str]:

@@ -225,7 +225,7 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
 
 
 def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
-    """Bias, mask, ALiBi slopes and cu_seqlens as the kernels read them."""
+    """Bias, mask, ALiBi slopes, cu_seqlens and the dropout state as the kernels read them."""
     import cupy
 
     out = {}
@@ -244,6 +244,9 @@ def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
         cu = call.option_view(name)
         if cu is not None:
             out[name] = cupy.ascontiguousarray(cu)
+    state = call.option_view("rng_state")
+    if state is not None:  # read by the kernels when they run: never copied (validated contiguous)
+        out["rng_state"] = state
     return out
 
 

@@ -132,11 +132,12 @@ def broadcast_strides(a: Any, target_ndim: int = 4) -> tuple[int, ...]:
 
 def window_limits(opts: Options, dims: Dims) -> tuple[int, int]:
     """(left, right) with -1 = unbounded and causal folded into right = 0. Limits wider
-    than any sequence are unbounded too (keeps the kernels' arithmetic small)."""
+    than any distance between a query and a key are unbounded too (keeps the kernels'
+    arithmetic small); global positions (position_offsets) widen those distances."""
     left, right = opts.window_size
     if opts.causal:
         right = 0
-    span = dims.seqlen_q + dims.seqlen_k
+    span = dims.seqlen_q + dims.seqlen_k + abs(opts.position_offsets[0] - opts.position_offsets[1])
     if left > span:
         left = -1
     if right > span:
