@@ -488,3 +488,57 @@ def test_dot_product_attention_rejects_what_jax_nn_rejects():
             jax.nn.dot_product_attention(q, k, v, **bad)
         with pytest.raises(ValueError):
             fa.dot_product_attention(q, k, v, **bad)
+
+
+# ---- one validation for every entry point ------------------------------------------------------
+
+BAD_OPTIONS = [
+    dict(causal="no"),
+    dict(window_size=(-1.9, 0)),
+    dict(window_size=(1, 2, 3)),
+    dict(softmax_scale="a"),
+    dict(softcap=-1.0),
+    dict(deterministic="yes"),
+] + [dict(dropout_p=0.1, seed=seed) for seed in (-1, 1.7, 2**64, 2**65 + 5)]
+
+
+def _reasons(call) -> list[str]:
+    with pytest.raises(cuflash.ValidationError) as err:
+        call()
+    return err.value.reasons
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS, ids=repr)
+def test_bad_options_are_rejected_with_the_core_message(options):
+    q, k, v, dout = draw(30)
+    expected = _reasons(lambda: cuflash.attention(q, k, v, **options))
+    assert len(expected) == 1
+    assert _reasons(lambda: fa.attention(q, k, v, **options)) == expected
+    assert _reasons(lambda: fa.forward(q, k, v, **options)) == expected
+    lse = np.zeros((B, H, NQ), np.float32)
+    assert _reasons(lambda: fa.backward(dout, q, k, v, dout, lse, **options)) == expected
+    dpa_names = {"causal": "is_causal", "softmax_scale": "scale", "window_size": "local_window_size"}
+    name, value = next(iter(options.items()))
+    if name in dpa_names:  # the drop-in's message names its own argument
+        renamed = dpa_names[name] + expected[0][len(name):]
+        q4, k4, v4, _ = _dpa_inputs(0)
+        assert _reasons(lambda: fa.dot_product_attention(q4, k4, v4, **{dpa_names[name]: value})) == [renamed]
+
+
+@pytest.mark.parametrize("name", ["attention", "forward", "backward", "dot_product_attention"])
+def test_unknown_keywords_list_the_valid_ones(name):
+    q, k, v, dout = draw(31)
+    args = (dout, q, k, v, dout, np.zeros((B, H, NQ), np.float32)) if name == "backward" else (q, k, v)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['causall'\]") as err:
+        getattr(fa, name)(*args, causall=True)
+    assert str(err.value).startswith(f"cuflash.jax.{name}()") and "'mask'" in str(err.value)
+
+
+def test_option_arrays_given_as_lists_keep_their_kind():
+    q, k, v, _ = draw(32)
+    mask = np.random.default_rng(33).random((NQ, NK)) > 0.4
+    np.testing.assert_array_equal(np.asarray(fa.attention(q, k, v, mask=mask.tolist())),
+                                  np.asarray(fa.attention(q, k, v, mask=mask)))
+    reasons = _reasons(lambda: fa.attention(q, k, v, mask=mask.astype(int).tolist(), causal="no"))
+    assert reasons == ["mask given as a list holds int64 values; it must hold bools (True = may attend)",
+                       "causal='no' must be a bool"]
