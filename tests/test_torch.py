@@ -27,6 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
 from cuflash import reference  # noqa: E402
 
+from _tolerance import assert_close_at_scale  # noqa: E402
+
 F64 = torch.float64
 
 
@@ -459,9 +461,11 @@ def test_compile_fullgraph_has_no_graph_break_and_matches_eager():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
-    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    # float32 parameter gradients summed in another order by the compiled graph: compared
+    # to the scale of each gradient, not entry by entry (an entry may cancel to 0).
+    assert_close_at_scale(out.detach(), eager.detach(), 1e-6)
     for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        assert_close_at_scale(g, e, 1e-5)
     assert block.bias.grad is None and grads[-1].abs().sum() > 0  # the float-mask parameter learns
 
 
