@@ -29,9 +29,14 @@ class _Call:
                 devices[name] = _interop.device_of(obj)
             except InteropError as exc:
                 reasons.append(f"{name}: {exc}")
+        sequences: dict[str, np.ndarray] = {}
         for name in _ARRAY_OPTIONS:
             value = getattr(opts, name)
-            if value is not None and not isinstance(value, (list, tuple)):
+            if isinstance(value, (list, tuple)):
+                converted = _validate.sequence_option(name, value, reasons)
+                if converted is not None:
+                    sequences[name] = converted
+            elif value is not None:
                 try:
                     devices[name] = _interop.device_of(value)
                 except InteropError as exc:
@@ -55,8 +60,8 @@ class _Call:
             value = getattr(opts, name)
             if value is None:
                 continue
-            if isinstance(value, (list, tuple)):
-                value = self._upload(np.asarray(value, dtype=np.int32 if name.startswith("cu_") else np.float32))
+            if name in sequences:
+                value = self._upload(sequences[name])
             self.option_refs[name] = _interop.import_array(name, value, self.stream)
         self.opts = opts
         self.dims = _validate.check(where, self.refs, opts, self.option_refs)
@@ -117,6 +122,7 @@ def _require_cupy(where: str) -> None:
         ) from exc
 
 
+@_validate.lists_valid_keywords("cuflash.forward")
 def forward(
     q: Any,
     k: Any,
@@ -155,6 +161,7 @@ def forward(
     return _forward(_Call("cuflash.forward", dict(q=q, k=k, v=v), make_options(**options)), key)
 
 
+@_validate.lists_valid_keywords("cuflash.attention")
 def attention(
     q: Any,
     k: Any,
@@ -197,6 +204,7 @@ def attention(
 _PROBABILITIES_LIMIT = 2**28
 
 
+@_validate.lists_valid_keywords("cuflash.probabilities")
 def probabilities(
     q: Any,
     k: Any,
@@ -238,6 +246,7 @@ def probabilities(
     return _launch.probabilities(call)
 
 
+@_validate.lists_valid_keywords("cuflash.backward")
 def backward(
     dout: Any,
     q: Any,
@@ -291,7 +300,9 @@ def _fast_key(kind: str, arrays: tuple, options: dict[str, Any]) -> tuple | None
     window = options["window_size"]
     scalars = (
         options["softmax_scale"], options["causal"], options["causal_alignment"],
-        tuple(window) if type(window) in (list, tuple) else window, options["softcap"], options["dropout_p"],
+        # The window's element types too: (-1.0, -1) equals (-1, -1) but is rejected.
+        (tuple(window), tuple(map(type, window))) if type(window) in (list, tuple) else window,
+        options["softcap"], options["dropout_p"],
         options["seed"] is None, options["max_seqlen_q"], options["max_seqlen_k"], options["deterministic"],
         options["layout"],
         tuple(options["position_offsets"]) if type(options["position_offsets"]) in (list, tuple) else options["position_offsets"],

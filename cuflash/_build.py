@@ -6,16 +6,26 @@ kernel file, the preprocessor defines, the options, the NVRTC version and the ta
 arch. Cubins live in $CUFLASH_CACHE_DIR (default: ~/.cache/cuflash) and are loaded with
 `cupy.RawModule(path=...)`. Compiling needs NVRTC only, not a GPU: the compile check and
 the prebuild script use `compile_variant` on machines without one.
+
+The cache is shared by every process of a user and survives crashes, full disks and
+concurrent builds: each cubin is written to a temporary file and renamed into place (a
+reader sees no file or a whole one), next to a record of its size and SHA-256 written the
+same way before it. A cached cubin that does not match its record (truncated, corrupt, or
+left without one) is rebuilt with a warning; a cache folder that cannot be written falls
+back, with a warning, to a new private folder under the system's temporary directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +116,105 @@ def cache_key(variant: Variant, arch: str) -> str:
     return digest.hexdigest()[:24]
 
 
+# Cache folders found unwritable in this process, and the folder used instead of each.
+_redirected: dict[Path, Path] = {}
+_redirect_lock = threading.Lock()
+
+
 def cubin_path(variant: Variant, arch: str) -> Path:
+    folder = cache_dir()
+    folder = _redirected.get(folder, folder)
     suffix = ".ptx" if arch.startswith("compute_") else ".cubin"
-    return cache_dir() / f"{variant.tag}-{arch}-{cache_key(variant, arch)}{suffix}"
+    return folder / f"{variant.tag}-{arch}-{cache_key(variant, arch)}{suffix}"
+
+
+def _record_path(cubin: Path) -> Path:
+    return cubin.with_suffix(".sha256")
+
+
+def _record(data: bytes) -> str:
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}\n"
+
+
+def _cache_problem(path: Path) -> str | None:
+    """None when `path` holds a whole cubin matching its record; "missing" when there is
+    no cubin; otherwise what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    try:
+        record = _record_path(path).read_text()
+    except OSError:
+        return "no size and checksum record beside it"
+    if record != _record(data):
+        fields = record.split()
+        if len(fields) == 2 and fields[1] != str(len(data)):
+            return f"truncated or overwritten: {len(data)} bytes where the record says {fields[1]}"
+        return "its SHA-256 does not match the record (corrupt)"
+    if path.suffix == ".ptx":
+        if b".version" not in data[:4096]:
+            return "not PTX"
+    elif not data.startswith(b"\x7fELF"):
+        return "not an ELF file"
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader ever sees part of it: a temporary file in
+    the same folder, flushed to disk, then renamed over `path` (atomic on POSIX and NTFS)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _store(path: Path, compiled: Compiled) -> Path:
+    """Put a freshly compiled cubin into the cache; returns where it went: `path`, or the
+    same name in a temporary folder when the cache folder cannot be written."""
+    try:
+        _store_in(path, compiled)
+        return path
+    except OSError as exc:
+        folder = path.parent
+        with _redirect_lock:
+            if folder in _redirected.values():
+                raise  # the fallback itself failed: nowhere left to write
+            first = folder not in _redirected
+            if first:
+                # Private to this process (mkdtemp: a new folder, mode 0700): a shared,
+                # predictable name would let another user plant kernels in it.
+                _redirected[folder] = Path(tempfile.mkdtemp(prefix="cuflash-cache-"))
+            fallback = _redirected[folder]
+        if first:
+            warnings.warn(
+                f"cuflash: cannot write the kernel cache folder {folder} ({exc}); compiled kernels go to "
+                f"{fallback} in this process instead (set CUFLASH_CACHE_DIR to a writable folder to keep them)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        moved = fallback / path.name
+        _store_in(moved, compiled)
+        return moved
+
+
+def _store_in(path: Path, compiled: Compiled) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The record first: a reader that finds the cubin finds its record too. Two processes
+    # building the same variant write the same bytes (NVRTC is deterministic), so any
+    # interleaving of their renames leaves a matching pair.
+    _write_atomic(_record_path(path), _record(compiled.cubin).encode())
+    _write_atomic(path, compiled.cubin)
+    _write_atomic(path.with_suffix(".log"), compiled.log.encode())
 
 
 def compile_variant(variant: Variant, arch: str) -> Compiled:
@@ -167,15 +273,15 @@ def build(variant: Variant, arch: str) -> tuple[Path, float]:
 
     Returns (path, seconds spent compiling now; 0.0 on a cache hit)."""
     path = cubin_path(variant, arch)
-    if path.is_file():
+    problem = _cache_problem(path)
+    if problem is None:
         return path, 0.0
+    if problem != "missing":
+        warnings.warn(f"cuflash: cached kernel {path} is damaged ({problem}); rebuilding it",
+                      RuntimeWarning, stacklevel=2)
     compiled = compile_variant(variant, arch)
     _log.info("compiled kernel variant %s for %s in %.1f s", variant.tag, arch, compiled.seconds)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(compiled.cubin)
-    os.replace(tmp, path)  # atomic: concurrent processes never see half a file
-    path.with_suffix(".log").write_text(compiled.log)
+    path = _store(path, compiled)
     return path, compiled.seconds
 
 

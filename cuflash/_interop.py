@@ -88,6 +88,12 @@ def device_of(obj: Any) -> Device:
         return CPU
     if not hasattr(obj, "__dlpack_device__"):
         raise InteropError(f"expected an array supporting DLPack, got {type(obj).__name__}")
+    if getattr(obj, "is_meta", False) is True:  # torch's "meta" device (DLPack has no code for it)
+        raise InteropError(
+            f"meta tensors hold no data (a {type(obj).__name__} on device 'meta', shape {tuple(obj.shape)}): "
+            "cuflash computes on CPU or CUDA arrays; for shapes alone call the cuflash.torch functions, "
+            "whose meta implementations give outputs on the meta device"
+        )
     kind, index = obj.__dlpack_device__()
     kind = int(kind)
     if kind in (_DL_CPU, _DL_CUDA_HOST):

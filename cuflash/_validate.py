@@ -7,12 +7,14 @@ batches, the small cu_seqlens arrays. It returns the problem's dimensions (`Dims
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import inspect
+from typing import Any, Callable
 
 import numpy as np
 
 from ._interop import BFLOAT16, ArrayRef, dtype_name
-from ._options import Options, option_errors
+from ._options import Options, make_options, option_errors
 
 MAX_HEAD_DIM = 256
 MAX_SEQLEN = 2**30  # the kernels index rows with 32-bit ints (offsets are 64-bit)
@@ -91,16 +93,26 @@ def check(
         reasons.append(f"all arrays must be on one device; got {listing}")
     on_host = q.device.kind == "cpu"
 
+    # Byte order first: a big-endian float32 is float32 stored the other way round, so it
+    # is reported as such, and the dtype checks below compare native dtypes.
+    for a in everything:
+        if not a.dtype.isnative:
+            native = a.dtype.newbyteorder("=")
+            reasons.append(
+                f"{a.name}.dtype={a.dtype.str!r} is {dtype_name(native)} in non-native (big-endian) byte order; "
+                f"cuflash reads the machine's byte order: pass {a.name}.astype({dtype_name(native)!r})"
+            )
+
     # dtypes: one supported floating dtype for q, k, v, dout, out.
     allowed = supported_dtypes(on_host)
     float_inputs = [a for n, a in arrays.items() if n != "lse"]
     for a in float_inputs:
-        if a.dtype not in allowed:
+        if _native(a.dtype) not in allowed:
             where_ = "on the host" if on_host else "on the GPU"
             reasons.append(
                 f"{a.name}.dtype={dtype_name(a.dtype)} is not supported {where_} (supported: {_names(allowed)})"
             )
-    dts = {a.dtype for a in float_inputs}
+    dts = {_native(a.dtype) for a in float_inputs}
     if len(dts) > 1:
         listing = ", ".join(f"{a.name}={dtype_name(a.dtype)}" for a in float_inputs)
         reasons.append(f"q, k, v (and dout, out) must share one dtype; got {listing}")
@@ -199,7 +211,7 @@ def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
             reasons.append(f"{name} is missing: variable-length batches need both cu_seqlens_q and cu_seqlens_k")
         elif ref.view.ndim != 1 or ref.shape[0] < 1:
             reasons.append(f"{name} must be 1-D of length batch+1; got shape {ref.shape}")
-        elif ref.dtype != np.int32:
+        elif _native(ref.dtype) != np.int32:
             reasons.append(f"{name}.dtype={dtype_name(ref.dtype)} must be int32")
         else:
             refs[name] = ref
@@ -237,6 +249,11 @@ def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
     return batch, seqlen_q, seqlen_k
 
 
+def _native(dtype: np.dtype) -> np.dtype:
+    """dtype in the machine's byte order (non-native orders are reported on their own)."""
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
 def _to_host(view) -> np.ndarray:
     if isinstance(view, np.ndarray):
         return view
@@ -259,7 +276,7 @@ def _check_option_arrays(dims: Dims, opts: Options, option_arrays, reasons) -> N
             reasons.append(f"bias shape {bias.shape} does not broadcast to (batch, heads, seqlen_q, seqlen_k)={target}")
     mask = option_arrays.get("mask")
     if mask is not None:
-        if mask.dtype != np.bool_:
+        if _native(mask.dtype) != np.bool_:
             reasons.append(f"mask.dtype={dtype_name(mask.dtype)} must be bool (True = may attend)")
         if not _broadcasts(mask.shape, target):
             reasons.append(f"mask shape {mask.shape} does not broadcast to (batch, heads, seqlen_q, seqlen_k)={target}")
@@ -296,5 +313,75 @@ def _check_backward(dims: Dims, arrays, reasons, on_host: bool) -> None:
     if lse.shape != dims.lse_shape:
         reasons.append(f"lse shape {lse.shape} must be {dims.lse_shape}")
     lse_ok = (np.dtype(np.float32), np.dtype(np.float64)) if on_host else (np.dtype(np.float32),)
-    if lse.dtype not in lse_ok:
+    if _native(lse.dtype) not in lse_ok:
         reasons.append(f"lse.dtype={dtype_name(lse.dtype)} must be {_names(lse_ok)}")
+
+
+# What each option array holds, for those given as (nested) lists or tuples.
+_SEQUENCE_KINDS = {
+    "mask": ("b", np.dtype(np.bool_), "bools (True = may attend)"),
+    "cu_seqlens_q": ("iu", np.dtype(np.int32), "ints"),
+    "cu_seqlens_k": ("iu", np.dtype(np.int32), "ints"),
+    "bias": ("iuf", np.dtype(np.float32), "numbers"),
+    "alibi_slopes": ("iuf", np.dtype(np.float32), "numbers"),
+}
+
+
+def sequence_option(name: str, value: Any, reasons: list[str]) -> np.ndarray | None:
+    """An option array given as a list or tuple, as a host array of the dtype the option
+    takes. When the elements are of the wrong kind, the reason names what was given (the
+    conversion is ours, so "mask.dtype=float32" would blame the caller for it); None then."""
+    kinds, dtype, holds = _SEQUENCE_KINDS[name]
+    given_as = f"{name} given as a {type(value).__name__}"
+    try:
+        given = np.asarray(value)
+    except ValueError:  # ragged nesting
+        reasons.append(f"{given_as} is ragged; it must be rectangular, of {holds}")
+        return None
+    if given.size and given.dtype.kind not in kinds:
+        element = type(given.flat[0]).__name__ if given.dtype.kind == "O" else given.dtype.name
+        reasons.append(f"{given_as} holds {element} values; it must hold {holds}")
+        return None
+    if dtype == np.int32 and given.size and (given.min() < -(2**31) or given.max() >= 2**31):
+        reasons.append(f"{given_as} holds values outside int32: {given.min()}..{given.max()}")
+        return None
+    return given.astype(dtype)
+
+
+def lists_valid_keywords(where: str) -> Callable[[Callable], Callable]:
+    """Decorator for public entry points: an unknown keyword argument is a TypeError that
+    lists every keyword the function takes (Python's own names only the unknown one)."""
+
+    def decorate(fn: Callable) -> Callable:
+        params = inspect.signature(fn).parameters
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        keywords = tuple(n for n, p in params.items() if p.kind in kinds)
+        known = frozenset(keywords)
+
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name in kwargs:
+                if name not in known:
+                    unknown = sorted(n for n in kwargs if n not in known)
+                    raise TypeError(
+                        f"{where}() got unknown keyword argument(s) {unknown}; it takes {list(keywords)}"
+                    )
+            return fn(*args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
+def check_options(where: str, renamed: dict[str, str] | None = None, **scalars: Any) -> Options:
+    """The non-array options judged by the core's rules before an adapter converts any of
+    them, so that every entry point accepts and rejects the same values with the same
+    message. `renamed` maps an option to the name the caller used for it (a drop-in's
+    is_causal for causal): each reason starts with the option's name and value."""
+    opts = make_options(**scalars)
+    reasons = option_errors(opts)
+    if reasons:
+        for option, given in (renamed or {}).items():
+            reasons = [given + r[len(option):] if r.startswith(option + "=") else r for r in reasons]
+        raise ValidationError(where, reasons, [])
+    return opts

@@ -82,7 +82,7 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from . import _reference_jnp, _validate
+from . import _options, _reference_jnp, _validate
 from ._interop import BFLOAT16, CPU, ArrayRef, Device, _StreamHandle
 from ._options import Options, make_options
 from ._validate import Dims, ValidationError
@@ -481,18 +481,21 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
     q, k, v = (jnp.asarray(a) for a in (q, k, v))
     opts = make_options(**options)
     arrays: dict[str, Any] = {}
+    reasons: list[str] = []
     for name in _ARRAY_OPTIONS:
         value = getattr(opts, name)
         if value is None:
             continue
         if isinstance(value, (list, tuple)):
-            value = np.asarray(value, dtype=np.int32 if name.startswith("cu_") else np.float32)
+            value = _validate.sequence_option(name, value, reasons)
+            if value is None:
+                opts = opts.replace(**{name: None})  # reported; the other checks still run
+                continue
         arrays[name] = jnp.asarray(value)
     if "alibi_slopes" in arrays:
         arrays["alibi_slopes"] = lax.stop_gradient(arrays["alibi_slopes"])
     opts = opts.replace(**arrays)
-    reasons: list[str] = []
-    if opts.dropout_p > 0 and opts.seed is None:
+    if _options.is_real(opts.dropout_p) and opts.dropout_p > 0 and opts.seed is None:
         reasons.append(f"seed=None with dropout_p={opts.dropout_p}: under JAX give a static int seed "
                        "(the backward regenerates the dropout mask from it)")
     device = _validation_device(q)
@@ -538,7 +541,7 @@ def _option_view(name: str, value, q, k, opts: Options, reasons: list[str]):
     if longest is None:
         reasons.append(f"{max_name}=None with a traced {name}: under jit give {max_name} as an int "
                        "(the longest sequence may not be read from a traced array)")
-    elif num_seqs * int(longest) < total:
+    elif isinstance(longest, (int, np.integer)) and num_seqs * int(longest) < total:
         reasons.append(f"{max_name}={longest} with {num_seqs} sequences cannot cover the {total} packed rows of "
                        f"{side} ({name}[-1] must equal {total})")
     if num_seqs == 0:
@@ -549,6 +552,7 @@ def _option_view(name: str, value, q, k, opts: Options, reasons: list[str]):
 # ---- the public functions ----------------------------------------------------------------------
 
 
+@_validate.lists_valid_keywords("cuflash.jax.forward")
 def forward(
     q: Any,
     k: Any,
@@ -583,6 +587,7 @@ def forward(
     return out, lax.stop_gradient(lse)
 
 
+@_validate.lists_valid_keywords("cuflash.jax.attention")
 def attention(
     q: Any,
     k: Any,
@@ -614,6 +619,7 @@ def attention(
     return out
 
 
+@_validate.lists_valid_keywords("cuflash.jax.backward")
 def backward(
     dout: Any,
     q: Any,
@@ -649,6 +655,7 @@ def backward(
     return _run_backward(spec, grads["dout"], q, k, v, grads["out"], grads["lse"], arrays)
 
 
+@_validate.lists_valid_keywords("cuflash.jax.dot_product_attention")
 def dot_product_attention(
     query: Any,
     key: Any,
@@ -711,17 +718,21 @@ def dot_product_attention(
         problems.append(f"the number of query heads ({q.shape[2]}) must be a multiple of key/value heads ({heads_kv})")
     if problems:
         raise ValueError("cuflash.jax.dot_product_attention: " + "; ".join(problems))
-    if isinstance(local_window_size, (int, np.integer)):
-        local_window_size = (int(local_window_size), int(local_window_size))
-    if local_window_size is not None:
-        left, right = local_window_size
-        if left < 0 or right < 0:
-            raise NotImplementedError(
-                f"local_window_size={local_window_size!r}: negative window sizes are not supported by "
-                "cuflash.jax.dot_product_attention (cuflash reads -1 as unbounded)")
-        window = (int(left), int(right))
-    else:
-        window = (-1, -1)
+    # Nothing is converted before the core's rules judge the values (a window of floats or
+    # of three values is rejected, naming it); negative ints are ours to refuse first.
+    window = (-1, -1)
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+        window = (local_window_size, local_window_size)
+    elif local_window_size is not None:
+        window = local_window_size
+    ints = isinstance(window, (tuple, list)) and all(isinstance(w, (int, np.integer)) for w in window)
+    if local_window_size is not None and ints and any(w < 0 for w in window):
+        raise NotImplementedError(
+            f"local_window_size={local_window_size!r}: negative window sizes are not supported by "
+            "cuflash.jax.dot_product_attention (cuflash reads -1 as unbounded)")
+    _validate.check_options("cuflash.jax.dot_product_attention",
+                            {"causal": "is_causal", "softmax_scale": "scale", "window_size": "local_window_size"},
+                            causal=is_causal, softmax_scale=scale, window_size=window)
     if lengths:
         seqlen_q = q.shape[1]
         padding = jnp.ones((batch, 1, seqlen_q, seqlen_k), dtype=bool)
@@ -730,7 +741,7 @@ def dot_product_attention(
         if "key_value_seq_lengths" in lengths:
             padding &= (jnp.arange(seqlen_k)[None, :] < lengths["key_value_seq_lengths"][:, None])[:, None, None, :]
         mask = padding if mask is None else mask & padding
-    out, lse = forward(q, k, v, softmax_scale=scale, causal=bool(is_causal), causal_alignment="top_left",
+    out, lse = forward(q, k, v, softmax_scale=scale, causal=is_causal, causal_alignment="top_left",
                        window_size=window, bias=bias, mask=mask)
     out = jnp.reshape(out, output_shape)
     if not return_residual:

@@ -1,8 +1,12 @@
 """The float64 reference: the semantics every cuflash kernel must match.
 
-Short and obviously right rather than fast. Every input is converted to float64, the whole
-score matrix is materialised on purpose, and each option is one line of the score formula.
-For batch b, query head h (kv head h // group), query i and key j, local to the sequence:
+Short and obviously right rather than fast. Every input is converted to float64 and each
+option is one line of the score formula. The score matrix is formed a block of query rows
+at a time (at most BLOCK_ELEMENTS scores per block), each block exactly as the whole
+matrix would be: a row's softmax needs only its own scores, the backward sums dk, dv and a
+broadcast bias gradient over the blocks, and dropout keys on global coordinates. Memory is
+O(N * block), not O(N^2), beyond outputs that are N x N by definition (probabilities(), a
+full-size bias gradient). For batch b, query head h (kv head h // group), query i and key j, local to the sequence:
 
     off     = Nk - Nq for causal_alignment="bottom_right" (FlashAttention), 0 for "top_left"
               (PyTorch's is_causal), plus q_start - k_start (position_offsets: query i
@@ -81,10 +85,17 @@ def forward(q, k, v, *, softmax_scale=None, causal=False, causal_alignment="bott
     outs, lses = [], []
     for seg in problem.segments:
         q_seg, k_seg, v_seg = seg.take(problem, q=problem.q, k=problem.k, v=problem.v)
-        _, s = _scores(problem, seg, q_seg, k_seg)
-        lse = _logsumexp(s)
-        p_drop = _dropped(problem, seg, _probabilities(s, lse))
-        outs.append(np.einsum("bhij,bhjd->bhid", p_drop, _repeat_kv(v_seg, problem.group)))
+        k_rep, v_rep = _repeat_kv(k_seg, problem.group), _repeat_kv(v_seg, problem.group)
+        nb, heads, seqlen_q = q_seg.shape[:3]
+        out = np.zeros((nb, heads, seqlen_q, problem.value_dim))
+        lse = np.empty((nb, heads, seqlen_q))
+        for rows in _row_blocks(q_seg, k_seg):
+            _, s = _scores(problem, seg, q_seg[:, :, rows], k_rep, rows, seqlen_q)
+            lse[:, :, rows] = _logsumexp(s)
+            keep = _keep(problem, seg, rows, s.shape)
+            p_drop = _dropped(problem, keep, _probabilities(s, lse[:, :, rows]))
+            out[:, :, rows] = np.einsum("bhij,bhjd->bhid", p_drop, v_rep)
+        outs.append(out)
         lses.append(lse)
     out_shape = problem.q.shape[:-1] + (problem.value_dim,)
     return problem.put(outs, out_shape, "rows_q"), problem.put_lse(lses)
@@ -100,33 +111,44 @@ def backward(dout, q, k, v, out, lse, **options) -> tuple[np.ndarray, ...]:
     dk = scale * dx^T q;  dk and dv summed over the query heads of each kv group.
     """
     problem = _Problem.build(q, k, v, _with_defaults(options), dout=dout, out=out, lse=lse)
-    dqs, dks, dvs, dss = [], [], [], []
+    softcap = problem.options["softcap"]
+    # The bias gradient in the bias's own shape (left-padded to 4-D), summed block by block
+    # over the axes the bias was broadcast along.
+    dbias = None if problem.bias is None else np.zeros((1,) * (4 - len(problem.bias_shape)) + problem.bias_shape)
+    dqs, dks, dvs = [], [], []
     for seg in problem.segments:
         q_seg, k_seg, v_seg, dout_seg, out_seg = seg.take(
             problem, q=problem.q, k=problem.k, v=problem.v, dout=problem.dout, out=problem.out
         )
         k_rep, v_rep = _repeat_kv(k_seg, problem.group), _repeat_kv(v_seg, problem.group)
-        x, s = _scores(problem, seg, q_seg, k_seg)
-        p = _probabilities(s, seg.take_lse(problem))
-        dv = np.einsum("bhij,bhid->bhjd", _dropped(problem, seg, p), dout_seg)
-        dp = _dropped(problem, seg, np.einsum("bhid,bhjd->bhij", dout_seg, v_rep))
+        lse_seg = seg.take_lse(problem)
+        seqlen_q = q_seg.shape[2]
         d_row = np.sum(dout_seg * out_seg, axis=-1)
-        ds = p * (dp - d_row[..., None])  # dL/ds: the score after softcap, ALiBi and bias
-        softcap = problem.options["softcap"]
-        dx = ds * (1.0 - np.tanh(x / softcap) ** 2) if softcap > 0 else ds
-        dk = problem.scale * np.einsum("bhij,bhid->bhjd", dx, q_seg)
-        dqs.append(problem.scale * np.einsum("bhij,bhjd->bhid", dx, k_rep))
+        dq = np.zeros(q_seg.shape)
+        dk, dv = np.zeros(k_rep.shape), np.zeros(v_rep.shape)
+        for rows in _row_blocks(q_seg, k_seg):
+            x, s = _scores(problem, seg, q_seg[:, :, rows], k_rep, rows, seqlen_q)
+            p = _probabilities(s, lse_seg[:, :, rows])
+            keep = _keep(problem, seg, rows, s.shape)
+            dv += np.einsum("bhij,bhid->bhjd", _dropped(problem, keep, p), dout_seg[:, :, rows])
+            dp = _dropped(problem, keep, np.einsum("bhid,bhjd->bhij", dout_seg[:, :, rows], v_rep))
+            ds = p * (dp - d_row[:, :, rows, None])  # dL/ds: the score after softcap, ALiBi and bias
+            dx = ds * (1.0 - np.tanh(x / softcap) ** 2) if softcap > 0 else ds
+            dk += problem.scale * np.einsum("bhij,bhid->bhjd", dx, q_seg[:, :, rows])
+            dq[:, :, rows] = problem.scale * np.einsum("bhij,bhjd->bhid", dx, k_rep)
+            if dbias is not None:
+                _add_to_broadcast(dbias, ds, seg.batch, rows)
+        dqs.append(dq)
         dks.append(_sum_groups(dk, problem.heads_kv))
         dvs.append(_sum_groups(dv, problem.heads_kv))
-        dss.append(ds)
     grads = (
         problem.put(dqs, problem.q.shape, "rows_q"),
         problem.put(dks, problem.k.shape, "rows_k"),
         problem.put(dvs, problem.v.shape, "rows_k"),
     )
-    if problem.bias is None:
+    if dbias is None:
         return grads
-    return grads + (problem.put_dbias(dss),)
+    return grads + (dbias.reshape(problem.bias_shape),)
 
 
 def probabilities(q, k, v, **options) -> np.ndarray:
@@ -138,8 +160,13 @@ def probabilities(q, k, v, **options) -> np.ndarray:
     problem = _Problem.build(q, k, v, options)
     (seg,) = problem.segments
     q_seg, k_seg = seg.take(problem, q=problem.q, k=problem.k)
-    _, s = _scores(problem, seg, q_seg, k_seg)
-    return _probabilities(s, _logsumexp(s))
+    k_rep = _repeat_kv(k_seg, problem.group)
+    seqlen_q = q_seg.shape[2]
+    probs = np.zeros(q_seg.shape[:3] + (k_seg.shape[2],))
+    for rows in _row_blocks(q_seg, k_seg):
+        _, s = _scores(problem, seg, q_seg[:, :, rows], k_rep, rows, seqlen_q)
+        probs[:, :, rows] = _probabilities(s, _logsumexp(s))
+    return probs
 
 
 def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, int],
@@ -166,21 +193,28 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
     if len(shape) != 4 or any(n < 0 for n in shape):
         raise ValueError(f"shape={shape!r} must be (batch, heads, seqlen_q, seqlen_k)")
     batch, heads, seqlen_q, seqlen_k = (int(n) for n in shape)
+    q_start, k_start = (int(x) for x in position_offsets)
+    return _keep_rows(seed, dropout_p, batch, heads, q_start + np.arange(seqlen_q), seqlen_k, offset, batch_offset,
+                      k_start)
+
+
+def _keep_rows(seed: int, dropout_p: float, batch: int, heads: int, rows: np.ndarray, seqlen_k: int,
+               offset: int, batch_offset: int, col0: int = 0) -> np.ndarray:
+    """dropout_keep_mask's rows `rows` (global query positions) against keys col0 ..
+    col0 + seqlen_k - 1, (B, H, len(rows), Nk): each element is a function of its own
+    coordinates, so any block of rows is the same slice of the whole mask."""
     # dropout_p * 2**32 is exact in float64 (a power-of-two scaling), so floor is exact.
     threshold = min(math.floor(dropout_p * 2**32), 2**32 - 1)
-
-    q_start, k_start = (int(x) for x in position_offsets)
-    rows, cols = q_start + np.arange(seqlen_q), k_start + np.arange(seqlen_k)
+    cols = col0 + np.arange(seqlen_k)
+    pair0 = col0 >> 1  # the first column pair (one Philox counter serves columns 2c, 2c + 1)
     row_counter = (rows >> 4) * 8 + (rows & 7)  # rows i and i + 8 share a counter
-    row_counter_0 = int(row_counter.min()) if seqlen_q else 0
-    num_row_counters = int(row_counter.max()) + 1 - row_counter_0 if seqlen_q else 0
-    col_pair_0 = k_start >> 1
+    counters, which = np.unique(row_counter, return_inverse=True)
     batch_head = (batch_offset * heads + np.arange(batch * heads)) % 2**32  # (b + offset) * H + h
     # One Philox call per distinct (batch * head, row counter, column pair) ...
     words = np.stack(
         philox_words(
-            (col_pair_0 + np.arange(((k_start + seqlen_k + 1) >> 1) - col_pair_0))[None, None, :] % 2**32,
-            (row_counter_0 + np.arange(num_row_counters))[None, :, None] % 2**32,
+            (pair0 + np.arange(((col0 + seqlen_k + 1) >> 1) - pair0))[None, None, :] % 2**32,
+            counters[None, :, None] % 2**32,
             batch_head[:, None, None],
             offset % 2**32,
             seed & 0xFFFFFFFF,
@@ -190,8 +224,8 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
     )
     # ... then each element picks its word out of its call's four.
     word_index = 2 * ((rows[:, None] >> 3) & 1) + (cols[None, :] & 1)
-    picked = words[:, (row_counter - row_counter_0)[:, None], ((cols >> 1) - col_pair_0)[None, :], word_index]
-    return (picked >= threshold).reshape(batch, heads, seqlen_q, seqlen_k)
+    picked = words[:, which.reshape(-1)[:, None], ((cols >> 1) - pair0)[None, :], word_index]
+    return (picked >= threshold).reshape(batch, heads, len(rows), seqlen_k)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,26 +233,40 @@ def dropout_keep_mask(seed: int, dropout_p: float, shape: tuple[int, int, int, i
 # q (nb, H, Nq, D), k and v (nb, Hkv, Nk, D).
 
 
-def _scores(problem: "_Problem", seg: "_Segment", q: np.ndarray, k: np.ndarray):
-    """x = scaled q.k (before softcap) and the final score s with -inf where masked,
-    both (nb, H, Nq, Nk)."""
+# Scores per block of query rows: each block holds at most this many (nb * H * rows * Nk),
+# and at least one row. 2**22 float64 scores are 32 MiB; a block makes a few such arrays.
+BLOCK_ELEMENTS = 2**22
+
+
+def _row_blocks(q: np.ndarray, k: np.ndarray) -> list[slice]:
+    """Blocks of the query rows of q (nb, H, Nq, D) against k (nb, Hkv, Nk, D)."""
+    nb, heads, seqlen_q = q.shape[:3]
+    rows = max(1, BLOCK_ELEMENTS // max(1, nb * heads * k.shape[2]))
+    return [slice(start, min(start + rows, seqlen_q)) for start in range(0, seqlen_q, rows)]
+
+
+def _scores(problem: "_Problem", seg: "_Segment", q: np.ndarray, k_rep: np.ndarray, rows: slice,
+            seqlen_q: int):
+    """x = scaled q.k (before softcap) and the final score s with -inf where masked, both
+    (nb, H, rows, Nk), for the query rows `rows` of a segment of seqlen_q queries; q holds
+    those rows, k_rep every key with its heads repeated to the query heads."""
     opts = problem.options
-    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-    x = problem.scale * np.einsum("bhid,bhjd->bhij", q, _repeat_kv(k, problem.group))
+    seqlen_k = k_rep.shape[2]
+    x = problem.scale * np.einsum("bhid,bhjd->bhij", q, k_rep)
     softcap = opts["softcap"]
     s = softcap * np.tanh(x / softcap) if softcap > 0 else x
     off = seqlen_k - seqlen_q if opts["causal_alignment"] == "bottom_right" else 0
     q_start, k_start = opts["position_offsets"]
     off += q_start - k_start
-    aligned = np.arange(seqlen_q)[:, None] + off  # the key each query is aligned with
+    aligned = np.arange(rows.start, rows.stop)[:, None] + off  # the key each query is aligned with
     key = np.arange(seqlen_k)[None, :]
     if problem.slopes is not None:
         s = s - problem.slopes[seg.batch][:, :, None, None] * np.abs(aligned - key)
     if problem.bias is not None:
-        s = s + problem.bias[seg.batch, :, :seqlen_q, :seqlen_k]
+        s = s + problem.bias[seg.batch, :, rows, :seqlen_k]
     allowed = np.ones(s.shape, dtype=bool)
     if problem.mask is not None:
-        allowed &= problem.mask[seg.batch, :, :seqlen_q, :seqlen_k]
+        allowed &= problem.mask[seg.batch, :, rows, :seqlen_k]
     if opts["causal"]:
         allowed &= key <= aligned
     left, right = opts["window_size"]
@@ -251,22 +299,29 @@ def _probabilities(s: np.ndarray, lse: np.ndarray) -> np.ndarray:
         return np.where(live, np.exp(s - np.where(live, lse, 0.0)), 0.0)
 
 
-def _dropped(problem: "_Problem", seg: "_Segment", a: np.ndarray) -> np.ndarray:
-    """a * keep / (1 - dropout_p); a unchanged without dropout."""
+def _keep(problem: "_Problem", seg: "_Segment", rows: slice, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Dropout's keep mask for the query rows `rows` of a segment, `shape` (nb, H, rows, Nk);
+    None without dropout."""
     opts = problem.options
-    seqlen_q, seqlen_k = a.shape[2], a.shape[3]
+    seqlen_k = shape[3]
     if problem.dropout_mask is not None:
-        keep = problem.dropout_mask[seg.batch, :, :seqlen_q, :seqlen_k]
-    elif opts["dropout_p"] > 0:
+        return problem.dropout_mask[seg.batch, :, rows, :seqlen_k]
+    if opts["dropout_p"] > 0:
         seed, offset = opts["seed"], opts["dropout_offset"]
-        if opts["rng_state"] is not None:
+        if opts["rng_state"] is not None:  # [seed, offset] as the kernels read it: the offset's low 32 bits
             state = np.asarray(opts["rng_state"]).astype(np.uint64)
             seed, offset = int(state[0]), int(state[1]) & 0xFFFFFFFF
-        keep = dropout_keep_mask(seed, opts["dropout_p"], a.shape, offset=offset, batch_offset=seg.batch.start,
-                                 position_offsets=opts["position_offsets"])
-    else:
+        q_start, k_start = opts["position_offsets"]
+        return _keep_rows(seed, opts["dropout_p"], shape[0], shape[1], q_start + np.arange(rows.start, rows.stop),
+                          seqlen_k, offset, seg.batch.start, k_start)
+    return None
+
+
+def _dropped(problem: "_Problem", keep: np.ndarray | None, a: np.ndarray) -> np.ndarray:
+    """a * keep / (1 - dropout_p); a unchanged without dropout."""
+    if keep is None:
         return a
-    return a * keep / (1.0 - opts["dropout_p"])
+    return a * keep / (1.0 - problem.options["dropout_p"])
 
 
 def _repeat_kv(x: np.ndarray, group: int) -> np.ndarray:
@@ -281,12 +336,19 @@ def _sum_groups(x: np.ndarray, heads_kv: int) -> np.ndarray:
     return x.reshape(nb, heads_kv, group, n, d).sum(axis=2)
 
 
-def _sum_to_shape(full: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Undo numpy broadcasting: sum `full` over the axes along which an array of `shape`
-    was broadcast to it (leading axes it lacks, and its size-1 axes)."""
-    full = full.sum(axis=tuple(range(full.ndim - len(shape))))
-    axes = tuple(a for a, n in enumerate(shape) if n == 1 and full.shape[a] != 1)
-    return full.sum(axis=axes, keepdims=True).reshape(shape)
+def _add_to_broadcast(total: np.ndarray, ds: np.ndarray, batch: slice, rows: slice) -> None:
+    """Add a block of score gradients ds (nb, H, rows, Nk), at batches `batch`, query rows
+    `rows` and keys 0..Nk of the scores, into `total`: the gradient of a 4-D array that was
+    broadcast to the scores, summed over the axes it was broadcast along (its size-1 axes)."""
+    axes = tuple(a for a in range(4) if total.shape[a] == 1 and ds.shape[a] != 1)
+    block = ds.sum(axis=axes, keepdims=True)
+    where = (
+        slice(None) if total.shape[0] == 1 else batch,
+        slice(None),
+        slice(None) if total.shape[2] == 1 else rows,
+        slice(None) if total.shape[3] == 1 else slice(0, ds.shape[3]),
+    )
+    total[where] += block
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,12 +507,6 @@ class _Problem:
         for seg, part in zip(self.segments, parts):
             packed[:, seg.rows_q] = part[0]
         return packed
-
-    def put_dbias(self, parts: list[np.ndarray]) -> np.ndarray:
-        full = np.zeros((self.batch, self.heads, self.seqlen_q, self.seqlen_k))
-        for seg, ds in zip(self.segments, parts):
-            full[seg.batch, :, : ds.shape[2], : ds.shape[3]] = ds
-        return _sum_to_shape(full, self.bias_shape)
 
 
 _SCALAR_OPTION_NAMES = ("softmax_scale", "causal", "causal_alignment", "window_size",

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 import cuflash
+from cuflash._validate import check_options, lists_valid_keywords
 
 __all__ = [
     "attention",
@@ -71,14 +72,19 @@ _OPTION_TENSORS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k
 
 def _exportable(t: Optional[Tensor]) -> Optional[Tensor]:
     """A tensor the core API can import through DLPack: detached (torch refuses to export
-    tensors that require grad; autograd supplies the gradient, not the export), with a unit
-    stride along its last dimension (the kernels load rows as vectors). Other strides,
-    broadcast (stride-0) dimensions included, are passed through as they are."""
-    if t is None:
-        return None
-    t = t.detach()
+    tensors that require grad; autograd supplies the gradient, not the export). Strides are
+    left as they are: the core accepts or rejects them (q, k, v need a unit stride in their
+    last dimension), as it does for every caller."""
+    return None if t is None else t.detach()
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """The output gradient autograd hands the backward may be any view (an expanded ones
+    tensor from .sum(), a transposed gradient): the kernels load its rows as vectors, so it
+    is copied when its last dimension is not contiguous. It is autograd's tensor, never the
+    caller's input."""
     if t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
+        return t.contiguous()
     return t
 
 
@@ -268,7 +274,7 @@ def _gradients(ctx, grad_out, backward_fn):
     q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     want_dbias = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = backward_fn(
-        grad_out, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+        _unit_last_stride(grad_out), q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         seed, *ctx.scalars, compute_dbias=want_dbias,
     )
     # A gradient for q, k, v and (when it requires one) the bias; none for the mask,
@@ -306,13 +312,14 @@ class _EagerAttention(torch.autograd.Function):
 def _use_operators(*tensors: Optional[Tensor]) -> bool:
     """Whether a call goes through the custom operators rather than `_EagerAttention`:
     while torch.compile or export traces, under torch.func transforms, and for anything
-    but plain tensors (FakeTensor, subclasses)."""
+    but plain tensors (FakeTensor, subclasses). Meta tensors take them too: the operators'
+    meta implementations give the outputs' shapes, as torch's own operators do."""
     if torch.compiler.is_compiling():
         return True
     functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     if functorch_active is not None and functorch_active():
         return True
-    return any(t is not None and type(t) is not Tensor for t in tensors)
+    return any(t is not None and (type(t) is not Tensor or t.is_meta) for t in tensors)
 
 
 # ---- differentiable entry points ----------------------------------------------------------
@@ -334,30 +341,69 @@ def _seed_tensor(dropout_p: float, seed: Optional[int], q: Tensor) -> Optional[T
     return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
 
 
+# Options already judged valid, keyed by their values and the values' types (True == 1
+# and (-1.0, -1) == (-1, -1), but only the first of each is valid): the check costs ~10 us
+# of Python, the lookup ~2 us. Bounded: a workload uses a handful of option sets.
+_valid_options: dict[tuple, Any] = {}
+_MAX_VALID_OPTIONS = 256
+
+
+def _options_key(scalars: dict[str, Any]) -> tuple | None:
+    key = []
+    for value in scalars.values():
+        if type(value) in (list, tuple):
+            value = (tuple(value), tuple(map(type, value)))
+        key.append((value, type(value)))
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _checked_options(where: str, renamed: dict[str, str] | None, **scalars: Any):
+    """The non-tensor options judged by the core's rules (cuflash._validate.check_options),
+    before any of them is converted to the operators' argument types."""
+    key = None if torch.compiler.is_compiling() else _options_key(scalars)
+    if key is not None:
+        found = _valid_options.get(key)
+        if found is not None:
+            return found
+    opts = check_options(where, renamed, **scalars)
+    if key is not None and len(_valid_options) < _MAX_VALID_OPTIONS:
+        _valid_options[key] = opts
+    return opts
+
+
 def _call(
-    q: Tensor, k: Tensor, v: Tensor, *, bias=None, mask=None, alibi_slopes=None,
+    where: str, q: Tensor, k: Tensor, v: Tensor, *, bias=None, mask=None, alibi_slopes=None,
     cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, seed=None, softmax_scale=None,
     causal=False, causal_alignment="bottom_right", window_size=(-1, -1), softcap=0.0,
-    max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd",
+    max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd", renamed=None,
 ) -> tuple[Tensor, Tensor]:
-    if window_size is None:
-        window_size = (-1, -1)
-    window_left, window_right = window_size
+    o = _checked_options(
+        where, renamed, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, causal=causal,
+        causal_alignment=causal_alignment, window_size=window_size, softcap=softcap,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic, layout=layout,
+    )
+    window_left, window_right = o.window_size
     args = (
         q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        _seed_tensor(dropout_p, seed, q),
-        None if softmax_scale is None else float(softmax_scale),
-        bool(causal), causal_alignment, int(window_left), int(window_right),
-        float(softcap or 0.0), float(dropout_p or 0.0),
-        None if max_seqlen_q is None else int(max_seqlen_q),
-        None if max_seqlen_k is None else int(max_seqlen_k),
-        bool(deterministic), layout,
+        _seed_tensor(o.dropout_p, o.seed, q),
+        None if o.softmax_scale is None else float(o.softmax_scale),
+        o.causal, o.causal_alignment, window_left, window_right,
+        float(o.softcap), float(o.dropout_p),
+        None if o.max_seqlen_q is None else int(o.max_seqlen_q),
+        None if o.max_seqlen_k is None else int(o.max_seqlen_k),
+        o.deterministic, o.layout,
     )
     if _use_operators(*args[:8]):
         return torch.ops.cuflash.attention_fwd(*args)
     return _EagerAttention.apply(*args)
 
 
+@lists_valid_keywords("cuflash.torch.attention")
 def attention(
     q: Tensor,
     k: Tensor,
@@ -388,7 +434,7 @@ def attention(
     tensors: on the device, graph-safe; see the module doc). Returns out,
     or (out, lse) with return_lse=True (lse carries no gradient)."""
     out, lse = _call(
-        q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+        "cuflash.torch.attention", q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
         causal=causal, causal_alignment=causal_alignment, window_size=window_size,
         softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -421,6 +467,7 @@ def _scores_operand_as_bhsd(m: Tensor, query: Tensor) -> Tensor:
     return m.expand(lead + tuple(m.shape[-3:])).reshape((-1,) + tuple(m.shape[-3:]))
 
 
+@lists_valid_keywords("cuflash.torch.scaled_dot_product_attention")
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -463,14 +510,21 @@ def scaled_dot_product_attention(
         )
     bias = mask = None
     if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            # Checked here so that the message names the argument the caller gave: the
+            # core sees it as a bias (float) or a mask (bool).
+            raise cuflash.ValidationError(
+                "cuflash.torch.scaled_dot_product_attention",
+                [f"attn_mask.dtype={attn_mask.dtype} must be bool (True = may attend) or floating "
+                 "(added to the scores)"], [])
         if attn_mask.dtype == torch.bool:
             mask = _scores_operand_as_bhsd(attn_mask, query)
         else:
             bias = _scores_operand_as_bhsd(attn_mask, query)
     out, _ = _call(
-        _as_bhsd(query), _as_bhsd(key), _as_bhsd(value), bias=bias, mask=mask,
+        "cuflash.torch.scaled_dot_product_attention", _as_bhsd(query), _as_bhsd(key), _as_bhsd(value), bias=bias, mask=mask,
         dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
-        causal_alignment="top_left", layout="bhsd",
+        causal_alignment="top_left", layout="bhsd", renamed={"causal": "is_causal", "softmax_scale": "scale"},
     )
     return out.reshape(query.shape)
 
@@ -487,7 +541,8 @@ def _fa2_return(out: Tensor, lse: Tensor, q: Tensor, return_attn_probs: bool):
 
 
 def _fa2_unsupported(where: str, dropout_p: float, return_attn_probs: bool, **extra: Any) -> None:
-    if return_attn_probs and dropout_p > 0:
+    # (A dropout_p that is not a number is left to the option check, which names it.)
+    if return_attn_probs and isinstance(dropout_p, (int, float)) and dropout_p > 0:
         raise NotImplementedError(
             f"{where}: return_attn_probs=True with dropout_p={dropout_p} > 0 asks for S_dmask, "
             "the probability matrix with the dropout pattern encoded in its signs; cuflash "
@@ -499,6 +554,7 @@ def _fa2_unsupported(where: str, dropout_p: float, return_attn_probs: bool, **ex
             raise NotImplementedError(f"{where}: {name} is not supported by cuflash (got {name}={value!r}); pass None")
 
 
+@lists_valid_keywords("cuflash.torch.flash_attn_func")
 def flash_attn_func(
     q,
     k,
@@ -522,13 +578,14 @@ def flash_attn_func(
     softmax_lse -inf (FlashAttention-2 reports +inf there)."""
     _fa2_unsupported("flash_attn_func", dropout_p, return_attn_probs)
     out, lse = _call(
-        q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        "cuflash.torch.flash_attn_func", q, k, v, alibi_slopes=alibi_slopes, dropout_p=dropout_p, softmax_scale=softmax_scale,
         causal=causal, causal_alignment="bottom_right", window_size=window_size,
         softcap=softcap, deterministic=deterministic, layout="bshd",
     )
     return _fa2_return(out, lse, q, return_attn_probs)
 
 
+@lists_valid_keywords("cuflash.torch.flash_attn_varlen_func")
 def flash_attn_varlen_func(
     q,
     k,
@@ -556,7 +613,7 @@ def flash_attn_varlen_func(
     dropout_p > 0 raise NotImplementedError."""
     _fa2_unsupported("flash_attn_varlen_func", dropout_p, return_attn_probs, block_table=block_table)
     out, lse = _call(
-        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        "cuflash.torch.flash_attn_varlen_func", q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, alibi_slopes=alibi_slopes,
         dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         causal_alignment="bottom_right", window_size=window_size, softcap=softcap,

@@ -214,3 +214,24 @@ def reference_dropout_keep(opts: dict, b: int, h: int, nq: int, nk: int, batch_o
         return None
     return reference.dropout_keep_mask(opts["seed"], opts["dropout_p"], (b, h, nq, nk), batch_offset=batch_offset,
                                        position_offsets=opts.get("position_offsets", (0, 0)))
+
+
+def assert_close_at_scale(actual, expected, rtol: float, what: str = "") -> None:
+    """Two computations of the same quantity in one floating-point dtype that differ only
+    in operation order (jit against eager, vmap against a loop, autodiff against the
+    analytic formula) agree to `rtol` of the quantity's largest magnitude, entry by entry.
+
+    Rounding error is set by the size of the terms that were summed, not by the size of
+    each result: a gradient entry that cancels to an exact 0 one way comes out as 2e-6
+    another way when its terms are ~1, which an element-wise rtol with a tiny atol calls a
+    failure. Infinities must match exactly; NaN must not appear where the expectation has
+    none."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    infinite = np.isinf(expected)
+    np.testing.assert_array_equal(actual[infinite], expected[infinite], err_msg=f"{what}: infinities")
+    finite = ~infinite
+    scale = float(np.max(np.abs(expected[finite]), initial=0.0))
+    np.testing.assert_allclose(actual[finite], expected[finite], rtol=0, atol=rtol * scale + 1e-30,
+                               err_msg=f"{what}: tolerance {rtol} of the largest magnitude {scale:.3g}")

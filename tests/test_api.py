@@ -203,10 +203,83 @@ def test_bias_and_mask_must_broadcast():
     _raises(r"alibi_slopes shape \(3,\)", q, k, v, alibi_slopes=np.ones(3, np.float32))
 
 
-def test_unknown_options_are_a_type_error_naming_them():
+def test_unknown_options_are_a_type_error_naming_them_and_listing_the_options():
     q, k, v = _qkv(np.random.default_rng(16))
-    with pytest.raises(TypeError, match="is_causal"):
-        cuflash.forward(q, k, v, is_causal=True)
+    out, lse = cuflash.forward(q, k, v)
+    calls = {
+        "forward": lambda **kw: cuflash.forward(q, k, v, **kw),
+        "attention": lambda **kw: cuflash.attention(q, k, v, **kw),
+        "probabilities": lambda **kw: cuflash.probabilities(q, k, v, **kw),
+        "backward": lambda **kw: cuflash.backward(out, q, k, v, out, lse, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="is_causal") as err:
+            call(is_causal=True)
+        text = str(err.value)
+        assert text.startswith(f"cuflash.{name}()") and "'causal'" in text and "'softmax_scale'" in text, text
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(causal="no"), "causal='no' must be a bool"),
+    (dict(window_size=(-1.9, 0)), "window_size=(-1.9, 0) must be a pair of ints"),
+    (dict(window_size=(1, 2, 3)), "window_size=(1, 2, 3) must be a pair of ints"),
+    (dict(softmax_scale="a"), "softmax_scale='a' must be a finite number"),
+    (dict(dropout_p=0.1, seed=-1), "seed=-1 must be an int in [0, 2**64)"),
+    (dict(dropout_p=0.1, seed=1.7), "seed=1.7 must be an int in [0, 2**64)"),
+    (dict(dropout_p=0.1, seed=2**64), f"seed={2**64} must be an int in [0, 2**64)"),
+    (dict(dropout_p=0.1, seed=2**65 + 5), f"seed={2**65 + 5} must be an int in [0, 2**64)"),
+])
+def test_bad_option_values_are_named(options, named):
+    q, k, v = _qkv(np.random.default_rng(18))
+    for call in (cuflash.forward, cuflash.attention):
+        with pytest.raises(ValidationError) as err:
+            call(q, k, v, **options)
+        (reason,) = err.value.reasons
+        assert reason.startswith(named), reason
+
+
+def test_numpy_scalar_options_equal_python_ones():
+    q, k, v = _qkv(np.random.default_rng(19))
+    plain = cuflash.forward(q, k, v, causal=True, softmax_scale=0.5, window_size=(3, 0), dropout_p=0.25, seed=9)
+    numpy = cuflash.forward(q, k, v, causal=np.bool_(True), softmax_scale=np.float32(0.5),
+                            window_size=[np.int64(3), np.int32(0)], dropout_p=np.float64(0.25), seed=np.uint64(9))
+    for a, b in zip(plain, numpy):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_option_arrays_given_as_lists_keep_their_kind():
+    """A mask given as a list of bools is the bool array; a list of the wrong kind is
+    reported as what was given (the conversion is the library's, not the caller's)."""
+    q, k, v = _qkv(np.random.default_rng(20))
+    mask = np.random.default_rng(21).random((5, 7)) > 0.4
+    np.testing.assert_array_equal(cuflash.attention(q, k, v, mask=mask.tolist()), cuflash.attention(q, k, v, mask=mask))
+    cu = [0, 2, 5]
+    qv, kv = q[0, :5], k[0, :5]
+    np.testing.assert_array_equal(cuflash.attention(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu),
+                                  cuflash.attention(qv, kv, kv, cu_seqlens_q=np.array(cu, np.int32),
+                                                    cu_seqlens_k=np.array(cu, np.int32)))
+    err = _raises("mask given as a list holds int64 values; it must hold bools", q, k, v,
+                  mask=mask.astype(int).tolist())
+    assert "float32" not in str(err)
+    _raises("mask given as a list holds float64 values", q, k, v, mask=mask.astype(float).tolist())
+    _raises("cu_seqlens_q given as a list holds float64 values; it must hold ints", qv, kv, kv,
+            cu_seqlens_q=[0, 2.5, 5], cu_seqlens_k=cu)
+    _raises("mask given as a list is ragged", q, k, v, mask=[[True], [True, False]])
+
+
+def test_big_endian_arrays_are_reported_as_byte_order():
+    q, k, v = _qkv(np.random.default_rng(22))
+    err = _raises(r"q.dtype='>f4' is float32 in non-native \(big-endian\) byte order", q.astype(">f4"), k, v)
+    assert err.reasons == [err.reasons[0]] and "not supported" not in str(err) and "share one dtype" not in str(err)
+    _raises(r"bias.dtype='>f8' is float64 in non-native", q, k, v, bias=np.zeros((5, 7), ">f8"))
+
+
+def test_torch_meta_tensors_are_reported_as_holding_no_data():
+    torch = pytest.importorskip("torch")
+    q = torch.empty(2, 5, 4, 8, device="meta")
+    with pytest.raises(ValidationError, match="q: meta tensors hold no data") as err:
+        cuflash.attention(q, q, q)
+    assert "Dlpack" not in str(err.value)
 
 
 def test_backward_checks_out_and_lse_shapes():

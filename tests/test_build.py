@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -325,3 +326,113 @@ def test_head_dims_pad_to_buckets():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- the kernel cache under faults -------------------------------------------------------------
+
+
+def _small_variant():
+    """The quickest shipped variant to compile (a head-dim-32 forward)."""
+    return _tiles.forward_variant(np.dtype(np.float16), 32, False, _tiles.SMEM_LIMIT["sm_80"])[0]
+
+
+@pytest.fixture(scope="module")
+def compiled_once():
+    """One real NVRTC compile that the fault tests hand out again instead of recompiling."""
+    return _build.compile_variant(_small_variant(), "sm_80")
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch, compiled_once):
+    calls = []
+    monkeypatch.setattr(_build, "compile_variant", lambda v, a: calls.append((v, a)) or compiled_once)
+    monkeypatch.setattr(_build, "_redirected", {})
+    return calls
+
+
+@needs_nvrtc
+def test_a_truncated_corrupt_or_unrecorded_cached_cubin_is_rebuilt_with_a_warning(tmp_path, monkeypatch,
+                                                                                   counted_compiles, compiled_once):
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
+    variant = _small_variant()
+    path, _ = _build.build(variant, "sm_80")
+    assert path.read_bytes() == compiled_once.cubin and len(counted_compiles) == 1
+    data = compiled_once.cubin
+
+    def damage_and_rebuild(damage, match):
+        damage()
+        with pytest.warns(RuntimeWarning, match=match):
+            again, seconds = _build.build(variant, "sm_80")
+        assert again == path and seconds > 0 and path.read_bytes() == data
+        assert _build._cache_problem(path) is None
+
+    damage_and_rebuild(lambda: path.write_bytes(data[: len(data) // 2]), f"truncated.*{len(data) // 2} bytes")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x40
+    damage_and_rebuild(lambda: path.write_bytes(bytes(flipped)), "does not match the record")
+    damage_and_rebuild(lambda: path.write_bytes(b""), "truncated")
+    damage_and_rebuild(lambda: _build._record_path(path).unlink(), "no size and checksum record")
+    assert len(counted_compiles) == 5
+    _build.build(variant, "sm_80")  # whole again: a hit, no warning, no compile
+    assert len(counted_compiles) == 5
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+
+
+@needs_nvrtc
+def test_an_unwritable_cache_folder_falls_back_to_a_temporary_one_with_a_warning(tmp_path, monkeypatch,
+                                                                                 counted_compiles, compiled_once):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unwritable = blocker / "cache"  # mkdir fails whoever runs the test (root ignores permissions)
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(unwritable))
+    variant = _small_variant()
+    with pytest.warns(RuntimeWarning, match="cannot write the kernel cache folder"):
+        path, seconds = _build.build(variant, "sm_80")
+    try:
+        assert seconds > 0 and path.parent != unwritable and Path(tempfile.gettempdir()) in path.parents
+        assert path.read_bytes() == compiled_once.cubin and _build._cache_problem(path) is None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fallback is remembered: no second warning
+            again, seconds = _build.build(variant, "sm_80")
+        assert again == path and seconds == 0.0 and len(counted_compiles) == 1
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+_RACER = """
+import hashlib, json, os, sys, time
+from pathlib import Path
+import numpy as np
+from cuflash import _build, _tiles
+
+here, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(here / f"ready-{me}").touch()
+while not (here / f"ready-{other}").exists():  # start compiling together
+    time.sleep(0.005)
+variant = _tiles.forward_variant(np.dtype(np.float16), 32, False, _tiles.SMEM_LIMIT["sm_80"])[0]
+path, seconds = _build.build(variant, "sm_80")
+print(json.dumps({"path": str(path), "seconds": seconds, "problem": _build._cache_problem(path),
+                  "sha": hashlib.sha256(path.read_bytes()).hexdigest()}))
+"""
+
+
+@needs_nvrtc
+def test_two_processes_compiling_one_variant_into_one_empty_cache_both_load_whole_cubins(tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CUFLASH_CACHE_DIR=str(cache),
+               PYTHONPATH=os.pathsep.join([str(Path(_build.__file__).resolve().parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), me, other], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for me, other in (("a", "b"), ("b", "a"))]
+    results = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["seconds"] > 0 for r in results), "both processes must have compiled (a real race)"
+    assert all(r["problem"] is None for r in results)
+    assert len({r["path"] for r in results}) == 1 and len({r["sha"] for r in results}) == 1
+    assert sorted(p.suffix for p in cache.iterdir()) == [".cubin", ".log", ".sha256"]

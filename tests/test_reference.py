@@ -8,9 +8,11 @@ ALiBi, one-sequence runs standing in for varlen, and scalar Philox calls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import tracemalloc
 
 import ml_dtypes
 import numpy as np
@@ -747,3 +749,84 @@ def test_tolerance_bound_names_the_baseline_that_set_it():
     assert by_naive.naive_err == pytest.approx(1e-3) and "naive same-dtype max err" in str(by_naive)
     assert by_forced.naive_err == pytest.approx(5e-3) and "float64 given the stored output max err" in str(by_forced)
     assert by_forced.bound > by_naive.bound
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks of query rows: the numbers of one whole block, in O(N * block) memory
+
+
+@contextlib.contextmanager
+def block_rows(rows, case):
+    """Blocks of `rows` query rows for `case` (the reference sizes blocks in scores)."""
+    saved = reference.BLOCK_ELEMENTS
+    reference.BLOCK_ELEMENTS = rows * case.batch * case.heads * max(case.seqlen_k, 1)
+    try:
+        yield
+    finally:
+        reference.BLOCK_ELEMENTS = saved
+
+
+def everything(case, options, varlen=False):
+    """out, lse, every gradient and (dense) the probabilities."""
+    results = flat(run(case, **options))
+    if not varlen:
+        results.append(reference.probabilities(case.q, case.k, case.v, **options))
+    return results
+
+
+@fast
+@given(case=cases(max_seqlen=20, max_head_dim=4), features=features(), rows=st.integers(1, 7))
+@example(case=Case(2, 4, 2, 37, 11, 3), rows=5,
+         features=Features(causal=True, softcap=0.7, alibi="batch_heads", bias="rows", mask=True, dropout_p=0.3))
+@example(case=Case(1, 2, 1, 19, 23, 2), rows=3,
+         features=Features(window_size=(2, 4), causal_alignment="top_left", bias="full", dropout_p=0.3))
+def test_blocks_of_query_rows_equal_one_block(case, features, rows):
+    """Row blocks (that cut through the 8- and 16-row groups of the dropout counters)
+    give the single block's out, lse, gradients, bias gradient and probabilities."""
+    assert reference.BLOCK_ELEMENTS >= 2**20  # these problems are one block by default
+    options = features.options(case)
+    whole = everything(case, options)
+    with block_rows(rows, case):
+        blocked = everything(case, options)
+    assert_all_same(blocked, whole)
+
+
+@fast
+@given(case=varlen_cases(), features=features(bias=None), bias=st.sampled_from((None, "full", "keys")),
+       rows=st.integers(1, 4))
+def test_varlen_blocks_of_query_rows_equal_one_block(case, features, bias, rows):
+    options = {**dataclasses.replace(features, bias=bias).options(case), **case.varlen_options()}
+    whole = everything(case, options, varlen=True)
+    with block_rows(rows, case):
+        blocked = everything(case, options, varlen=True)
+    assert_all_same(blocked, whole)
+
+
+def test_dropout_rows_of_any_block_are_those_of_the_whole_mask():
+    seed, dropout_p, offset, batch_offset = 2**63 + 12345, 0.4, 5, 1
+    whole = reference.dropout_keep_mask(seed, dropout_p, (2, 3, 45, 19), offset, batch_offset)
+    for start, stop in ((0, 45), (3, 11), (7, 9), (8, 24), (16, 33), (44, 45), (5, 5)):
+        part = reference._keep_rows(seed, dropout_p, 2, 3, np.arange(start, stop), 19, offset, batch_offset)
+        np.testing.assert_array_equal(part, whole[:, :, start:stop])
+
+
+def test_host_path_memory_grows_with_n_times_block_not_n_squared():
+    """Forward and backward at N = 1024 and 2048 with 16-row blocks: the peak of traced
+    allocations (a block makes ~15 arrays of 16 x N) stays well below one N x N float64
+    matrix and doubles, not quadruples, with N."""
+
+    def peak(n):
+        case = Case(batch=1, heads=1, heads_kv=1, seqlen_q=n, seqlen_k=n, head_dim=16, seed=n)
+        options = dict(causal=True, dropout_p=0.2, seed=3, bias=np.zeros(n), softcap=2.0)
+        with block_rows(16, case):
+            tracemalloc.start()
+            try:
+                out, lse = reference.forward(case.q, case.k, case.v, **options)
+                reference.backward(case.dout, case.q, case.k, case.v, out, lse, **options)
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    small, large = peak(1024), peak(2048)
+    assert large < 2048 * 2048 * 8 / 4, f"peak {large / 2**20:.1f} MiB at N = 2048"
+    assert large / small < 2.6, (small, large)
