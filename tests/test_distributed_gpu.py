@@ -59,6 +59,12 @@ def torch_verdicts(tmp_path_factory):
     return merged
 
 
+# Seen on the two-H200 machine (jax 0.11.2): XLA's GPU compiler segfaults while compiling the
+# shard_map ring (ppermute around cuflash's buffer_callback custom calls), before any kernel
+# runs; the same program compiles and runs on CPU devices (tests/test_jax_distributed.py).
+JAX_GPU_CRASH = pytest.mark.xfail(strict=True, reason="XLA's GPU compile of the shard_map ring segfaults (jax 0.11.2)")
+
+
 @pytest.fixture(scope="module")
 def jax_verdicts():
     _need_two_gpus()
@@ -92,6 +98,7 @@ def test_torch_bad_input_raises_on_both_ranks(torch_verdicts, kind):
     assert not problems, "\n".join(problems)
 
 
+@JAX_GPU_CRASH
 @pytest.mark.parametrize("case", _params())
 def test_jax_two_gpus_match_one_gpu(jax_verdicts, case):
     verdict = jax_verdicts[f"w2-{case.name}"]

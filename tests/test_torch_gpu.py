@@ -219,7 +219,13 @@ def test_repeat_calls_take_the_plan_with_the_full_paths_bits(full_path_calls):
     for q, k, v, dout in inputs:
         out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
         got.append((out, lse, *cuflash.backward(dout, q, k, v, out, lse, causal=True, deterministic=True)))
-    assert len(full_path_calls) == 2 * len(signatures) < 2 * len(inputs)
+    # The warp-specialised Hopper forward reads its inputs through TMA, which needs 16-byte
+    # aligned pointers: its plan sends the odd-offset call back to the full path (which
+    # plans the cp.async kernel for it). Every other repeat call takes its plan.
+    from cuflash import _build, _tiles
+
+    tma_forward = _tiles.FWD_FAMILY == "ws" and _build.arch_of(0) == "sm_90"
+    assert len(full_path_calls) == 2 * len(signatures) + int(tma_forward) < 2 * len(inputs)
     for (q, k, v, dout), results in zip(inputs, got):
         _fast.clear()
         out, lse = cuflash.forward(q, k, v, causal=True, deterministic=True)
