@@ -250,6 +250,20 @@ def _ptx_bytes(ptx: Any) -> bytes:
     return ptx if isinstance(ptx, bytes) else ptx.encode()
 
 
+# CUFLASH_PTX_DIR: a folder of PTX built elsewhere, `<variant tag>-<compute_XX>.ptx`, loaded as
+# it is for a compute_XX target (scripts/build-ptx writes it). How an architecture this
+# NVRTC cannot target (Volta under CUDA 13) still runs, as PTX, on a newer GPU.
+PTX_DIR_ENV = "CUFLASH_PTX_DIR"
+
+
+def prebuilt_ptx(variant: Variant, arch: str) -> Path | None:
+    folder = os.environ.get(PTX_DIR_ENV)
+    if not folder:
+        return None
+    path = Path(folder) / f"{variant.tag}-{arch}.ptx"
+    return path if path.is_file() else None
+
+
 def volta_unsupported(arch: str) -> bool:
     """Whether this NVRTC cannot build for `arch` (CUDA 13 removed compute capability 7.0/7.2)."""
     number = int(arch.split("_")[1].rstrip("a"))
@@ -272,6 +286,10 @@ def build(variant: Variant, arch: str) -> tuple[Path, float]:
     """The cached cubin for (variant, arch), compiling it on first use.
 
     Returns (path, seconds spent compiling now; 0.0 on a cache hit)."""
+    if arch.startswith("compute_"):
+        given = prebuilt_ptx(variant, arch)
+        if given is not None:
+            return given, 0.0
     path = cubin_path(variant, arch)
     problem = _cache_problem(path)
     if problem is None:
