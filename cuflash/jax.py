@@ -217,7 +217,10 @@ def _views(buffers: dict[str, Any], operands: dict[str, Any]):
     views = Views(**{name: _device_view(buf) for name, buf in {**buffers, **operands}.items()})
     if views.rng_state is not None:
         # uint32 [seed_lo, seed_hi, offset, 0] is, byte for byte, the two little-endian u64
-        # [seed, offset] the kernels read: a view, never a copy (XLA aligns buffers >= 16 B).
+        # [seed, offset] the kernels read: a view, never a copy. The kernels load u64 words,
+        # so the buffer must be 8-byte aligned (XLA aligns its buffers to at least 16 B).
+        if views.rng_state.data.ptr % 8:
+            raise RuntimeError(f"dropout rng_state buffer at {views.rng_state.data.ptr:#x} is not 8-byte aligned")
         views.rng_state = views.rng_state.view(np.uint64)
     return views
 
