@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import reference
+from . import _philox_jnp, reference
 from ._options import Options
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -100,10 +100,7 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
         off += opts.position_offsets[0] - opts.position_offsets[1]
         keep = None
         if opts.dropout_p > 0:
-            # A trace-time constant: the reference's own Philox mask, keyed by global
-            # coordinates exactly as the kernels key theirs.
-            keep = reference.dropout_keep_mask(opts.seed, opts.dropout_p, (batch, heads, seqlen_q, seqlen_k),
-                                               position_offsets=opts.position_offsets)
+            keep = _keep_mask(opts, (batch, heads, seqlen_q, seqlen_k))
         if slopes is not None:
             slopes = jnp.broadcast_to(slopes, (batch, heads))[:, :, None, None]
         return _Geometry(q=qh, k=kh, v=vh, group=group, scale=scale,
@@ -140,8 +137,7 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
 
     keep = None
     if opts.dropout_p > 0:
-        keep = gather(jnp.asarray(reference.dropout_keep_mask(
-            opts.seed, opts.dropout_p, (batch, heads, max_q, max_k), position_offsets=opts.position_offsets)))
+        keep = gather(jnp.asarray(_keep_mask(opts, (batch, heads, max_q, max_k))))
     if slopes is not None:
         slopes = jnp.transpose(jnp.broadcast_to(slopes, (batch, heads))[seg_q])[None, :, :, None]
     return _Geometry(q=qh, k=kh, v=vh, group=group, scale=scale,
@@ -149,6 +145,16 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
                      bias=None if bias is None else gather(bias),
                      mask=None if mask is None else gather(mask),
                      keep=keep, same=same, seg_q=seg_q, pos_q=pos_q, pos_k=pos_k)
+
+
+def _keep_mask(opts: Options, shape: tuple[int, int, int, int]):
+    """Dropout's keep mask (B, H, Nq, Nk), keyed by global coordinates exactly as the
+    kernels key theirs. With a static seed it is the reference's own Philox mask, a
+    trace-time constant; with rng_state (uint32 words [seed_lo, seed_hi, offset, 0],
+    possibly traced) the same generator runs in jax.numpy on those words."""
+    if opts.rng_state is not None:
+        return _philox_jnp.keep_mask(opts.rng_state, opts.dropout_p, shape, opts.position_offsets)
+    return reference.dropout_keep_mask(opts.seed, opts.dropout_p, shape, position_offsets=opts.position_offsets)
 
 
 def _repeat_kv(x, group: int):

@@ -49,7 +49,9 @@ keep size-1 (broadcast) batch axes without copying, and packed varlen arrays are
 concatenated with their cu_seqlens shifted. One kernel launch then serves the whole
 mapped batch, and the CPU path folds the same way so both compute the same thing.
 (Dropout draws its mask from the global batch index, so under vmap example v of a mapped
-batch of B sees batch indices v*B ... v*B + B - 1.)
+batch of B sees batch indices v*B ... v*B + B - 1.) A mapped `dropout_key` (one key per
+example) cannot share one launch, whose kernels read one [seed, offset]: the examples then
+run one after another (lax.map), each with its own key and batch indices 0 ... B - 1.
 
 Under jit
 ---------
@@ -59,7 +61,28 @@ under jit a varlen call needs static `max_seqlen_q` and `max_seqlen_k`, and the 
 promises what `cuflash.attention` would check: cu_seqlens start at 0, never decrease, end
 at the packed row count (cu_seqlens_q[-1] == total_q; the vmap rule relies on it too),
 and no sequence is longer than max_seqlen. cu_seqlens given as concrete arrays (eagerly,
-or closed over under jit) are checked in full. Dropout needs an explicit static `seed`.
+or closed over under jit) are checked in full.
+
+Dropout randomness
+------------------
+Dropout takes its randomness either from a static int `seed` (a trace-time constant: a
+new seed retraces and recompiles) or from `dropout_key`, a `jax.random` key that may be
+traced, so one compiled training step draws a fresh mask from each step's key. A key is
+a typed key array of shape () (`jax.random.key`) or a raw uint32 key (`jax.random.PRNGKey`,
+shape (2,) under the default threefry implementation). Inside the computation the key
+becomes three uint32 words by `jax.random.bits(key, (3,), uint32)`, laid out as
+
+    rng_state = uint32[seed_lo, seed_hi, offset, 0]      (`rng_state_from_key(key)`)
+
+that is, the 64-bit Philox seed seed_lo + seed_hi * 2**32 and the 32-bit offset (Philox's
+fourth counter word): no 64-bit JAX type is needed, and in memory the four words are the
+two little-endian u64 [seed, offset] that the kernels read from Params.rng_state, so on
+CUDA the buffer goes to them as it is, an operand of the callback read when the kernel
+runs. On CPU the jax.numpy reference runs the same Philox4x32-10 on the traced words
+(cuflash/_philox_jnp.py). Either way the keep mask is
+`cuflash.reference.dropout_keep_mask(seed, dropout_p, shape, offset=offset, ...)` bit for
+bit, keyed by global coordinates only; the backward (custom_vjp residuals, or `backward`
+given the same key) regenerates it from the same words.
 
 Limits
 ------
@@ -87,13 +110,13 @@ from ._interop import BFLOAT16, CPU, ArrayRef, Device, _StreamHandle
 from ._options import Options, make_options
 from ._validate import Dims, ValidationError
 
-__all__ = ["attention", "forward", "backward", "dot_product_attention"]
+__all__ = ["attention", "forward", "backward", "dot_product_attention", "rng_state_from_key"]
 
 # Option values that are arrays; every other option is static.
 _ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k")
 # The option arrays as the kernels' Views name them.
 _VIEW_NAMES = {"bias": "bias", "mask": "mask", "alibi_slopes": "alibi",
-               "cu_seqlens_q": "cu_seqlens_q", "cu_seqlens_k": "cu_seqlens_k"}
+               "cu_seqlens_q": "cu_seqlens_q", "cu_seqlens_k": "cu_seqlens_k", "rng_state": "rng_state"}
 _KERNEL_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32))
 
 
@@ -191,7 +214,15 @@ def _device_view(buf):
 def _views(buffers: dict[str, Any], operands: dict[str, Any]):
     from ._params import Views
 
-    return Views(**{name: _device_view(buf) for name, buf in {**buffers, **operands}.items()})
+    views = Views(**{name: _device_view(buf) for name, buf in {**buffers, **operands}.items()})
+    if views.rng_state is not None:
+        # uint32 [seed_lo, seed_hi, offset, 0] is, byte for byte, the two little-endian u64
+        # [seed, offset] the kernels read: a view, never a copy. The kernels load u64 words,
+        # so the buffer must be 8-byte aligned (XLA aligns its buffers to at least 16 B).
+        if views.rng_state.data.ptr % 8:
+            raise RuntimeError(f"dropout rng_state buffer at {views.rng_state.data.ptr:#x} is not 8-byte aligned")
+        views.rng_state = views.rng_state.view(np.uint64)
+    return views
 
 
 def _launch_on_xla_stream(kind: str, spec: _Spec, ctx, buffers: dict[str, Any], operands: dict[str, Any]) -> None:
@@ -340,10 +371,19 @@ def _fold(spec: _Spec, axis_size: int, tensors: dict[str, Any], tensors_batched:
             folded_options[name] = _fold_batch_indexed(x, batched, axis_size, num_seqs, 4, True)
         elif name == "alibi_slopes":
             folded_options[name] = _fold_batch_indexed(x, batched, axis_size, num_seqs, 2, False)
+        elif name == "rng_state":  # one key for the whole mapped batch (a mapped key never folds)
+            folded_options[name] = x
         else:
             total = per_example("q" if name == "cu_seqlens_q" else "k")[0]
             folded_options[name] = _fold_cu_seqlens(x, batched, axis_size, total)
     return folded, folded_options
+
+
+def _map_examples(op, axis_size: int, args: tuple, batched: tuple):
+    """vmap with a mapped dropout key: one call per example (lax.map), unmapped operands
+    broadcast along the mapped axis; each example's mask comes from its own key."""
+    args = jax.tree.map(lambda x, b: _with_axis(x, b, axis_size), tuple(args), tuple(batched))
+    return lax.map(lambda example: op(*example), args)
 
 
 def _unfold_lse(spec: _Spec, lse, axis_size: int):
@@ -364,6 +404,8 @@ def _forward_op(spec: _Spec):
     @op.def_vmap
     def _rule(axis_size, in_batched, q, k, v, arrays):
         q_b, k_b, v_b, arrays_b = in_batched
+        if arrays_b.get("rng_state", False):
+            return _map_examples(op, axis_size, (q, k, v, arrays), in_batched), (True, True)
         folded, options = _fold(spec, axis_size, dict(q=q, k=k, v=v), dict(q=q_b, k=k_b, v=v_b), arrays, arrays_b)
         out, lse = op(folded["q"], folded["k"], folded["v"], options)
         return (_unfold_rows(out, axis_size), _unfold_lse(spec, lse, axis_size)), (True, True)
@@ -384,6 +426,9 @@ def _backward_op(spec: _Spec):
     @op.def_vmap
     def _rule(axis_size, in_batched, dout, q, k, v, out, lse, arrays):
         names = ("dout", "q", "k", "v", "out", "lse")
+        if in_batched[6].get("rng_state", False):
+            grads = _map_examples(op, axis_size, (dout, q, k, v, out, lse, arrays), in_batched)
+            return grads, (True, True, True, None if grads[3] is None else True)
         batched = dict(zip(names, in_batched[:6]))
         folded, options = _fold(spec, axis_size, dict(zip(names, (dout, q, k, v, out, lse))), batched,
                                 arrays, in_batched[6])
@@ -479,9 +524,21 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
     """Validate one call (metadata; values only where concrete) and split it into the
     static spec and the operands."""
     q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    options = dict(options)
+    dropout_key = options.pop("dropout_key", None)
     opts = make_options(**options)
     arrays: dict[str, Any] = {}
     reasons: list[str] = []
+    if dropout_key is not None:
+        if opts.seed is not None:
+            reasons.append(f"seed={opts.seed!r} and a dropout_key are both given: give one (a static seed, or a "
+                           "key that may be traced)")
+        else:
+            words = _rng_words(dropout_key, reasons)  # checked even while dropout_p is 0
+            if words is None:  # reported; not also as a missing seed
+                opts = opts.replace(rng_state=dropout_key)
+            elif _options.is_real(opts.dropout_p) and opts.dropout_p > 0:
+                arrays["rng_state"] = words
     for name in _ARRAY_OPTIONS:
         value = getattr(opts, name)
         if value is None:
@@ -495,14 +552,16 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
     if "alibi_slopes" in arrays:
         arrays["alibi_slopes"] = lax.stop_gradient(arrays["alibi_slopes"])
     opts = opts.replace(**arrays)
-    if _options.is_real(opts.dropout_p) and opts.dropout_p > 0 and opts.seed is None:
-        reasons.append(f"seed=None with dropout_p={opts.dropout_p}: under JAX give a static int seed "
-                       "(the backward regenerates the dropout mask from it)")
+    if _options.is_real(opts.dropout_p) and opts.dropout_p > 0 and opts.seed is None and dropout_key is None:
+        reasons.append(f"seed=None with dropout_p={opts.dropout_p}: under JAX give a dropout_key (a jax.random key, "
+                       "may be traced) or a static int seed (the backward regenerates the dropout mask from it)")
     device = _validation_device(q)
     named = dict(q=q, k=k, v=v, **(grads or {}))
     refs = {name: ArrayRef(name, a, "jax", _Meta(a.shape, a.dtype), device) for name, a in named.items()}
+    # rng_state is built here from the key, in its own layout (uint32 words, not the core's
+    # int64 pair): nothing of it is the caller's to validate.
     option_refs = {name: ArrayRef(name, a, "jax", _option_view(name, a, q, k, opts, reasons), device)
-                   for name, a in arrays.items()}
+                   for name, a in arrays.items() if name != "rng_state"}
     try:
         dims = _validate.check(where, refs, opts, option_refs)
     except ValidationError as exc:
@@ -511,13 +570,53 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
         raise ValidationError(where, reasons, list(refs.values()) + list(option_refs.values()))
     varlen = opts.is_varlen
     static = opts.replace(
-        **{name: None for name in _ARRAY_OPTIONS},
+        **{name: None for name in _ARRAY_OPTIONS}, rng_state=None,
         softmax_scale=None if opts.softmax_scale is None else float(opts.softmax_scale),
         softcap=float(opts.softcap), dropout_p=float(opts.dropout_p),
         seed=None if opts.seed is None else int(opts.seed),
         max_seqlen_q=dims.seqlen_q if varlen else None, max_seqlen_k=dims.seqlen_k if varlen else None,
     )
     return _Spec(options=static, varlen=varlen), q, k, v, arrays
+
+
+def rng_state_from_key(key) -> jax.Array:
+    """The dropout words a `dropout_key` stands for: uint32 (4,) [seed_lo, seed_hi, offset, 0],
+    i.e. `cuflash.reference.dropout_keep_mask(seed_lo + seed_hi * 2**32, p, shape,
+    offset=offset)` is the mask that attention(..., dropout_key=key) draws. `key` is a
+    typed jax.random key of shape () or a raw uint32 key; it may be traced."""
+    reasons: list[str] = []
+    words = _rng_words(key, reasons)
+    if words is None:
+        raise ValueError("; ".join(reasons))
+    return words
+
+
+def _rng_words(key, reasons: list[str]):
+    """uint32 [seed_lo, seed_hi, offset, 0] from a jax.random key, or None (reported)."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not typed:
+        try:
+            raw = jnp.asarray(key)
+        except TypeError:
+            reasons.append(f"dropout_key={key!r} must be a jax.random key (jax.random.key or jax.random.PRNGKey)")
+            return None
+        if raw.dtype != jnp.uint32 or raw.ndim != 1:
+            reasons.append(f"dropout_key of shape {raw.shape} and dtype {raw.dtype} must be a jax.random key: a typed "
+                           "key of shape () (jax.random.key) or one raw uint32 key (jax.random.PRNGKey)")
+            return None
+        try:
+            key = jax.random.wrap_key_data(raw)
+        except (TypeError, ValueError):
+            raw_shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+            reasons.append(f"dropout_key of shape {raw.shape} is not a raw key of the default PRNG implementation, "
+                           f"whose raw keys have shape {raw_shape}")
+            return None
+    if key.shape != ():
+        reasons.append(f"dropout_key has shape {key.shape}: give one key of shape () (split keys with vmap)")
+        return None
+    # The seed's two words and the offset; the fourth word is the offset's (unused) high half.
+    bits = jax.random.bits(key, (3,), jnp.uint32)
+    return jnp.concatenate([bits, jnp.zeros((1,), jnp.uint32)])
 
 
 def _option_view(name: str, value, q, k, opts: Options, reasons: list[str]):
@@ -568,6 +667,7 @@ def forward(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    dropout_key: Any = None,
     position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
@@ -603,6 +703,7 @@ def attention(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    dropout_key: Any = None,
     position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
@@ -638,6 +739,7 @@ def backward(
     mask: Any = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    dropout_key: Any = None,
     position_offsets: Sequence[int] = (0, 0),
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
@@ -648,7 +750,8 @@ def backward(
 ) -> tuple[jax.Array, ...]:
     """Gradients (dq, dk, dv), plus dbias (bias's shape and dtype) when a bias is given,
     from forward()'s out and lse; the options must be the forward's. Works under jit and
-    vmap (it is not itself differentiable)."""
+    vmap (it is not itself differentiable). With dropout give the forward's seed or the
+    same dropout_key."""
     options = {n: v_ for n, v_ in locals().items() if n not in ("dout", "q", "k", "v", "out", "lse")}
     grads = dict(dout=jnp.asarray(dout), out=jnp.asarray(out), lse=jnp.asarray(lse))
     spec, q, k, v, arrays = _prepare("cuflash.jax.backward", q, k, v, options, grads)
