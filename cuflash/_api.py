@@ -14,7 +14,22 @@ from . import _fast, _interop, _validate, reference
 from ._interop import ArrayRef, Device, InteropError
 from ._options import Options, is_real, make_options
 
-_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state")
+_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state", "block_mask")
+
+
+def _option_arrays(opts: Options) -> dict[str, Any]:
+    """The array-valued options by the name they are imported under: a compact block mask
+    contributes its four lists (block_mask.kv_count, ...)."""
+    out = {}
+    for name in _ARRAY_OPTIONS:
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        if name == "block_mask" and hasattr(value, "kv_index"):
+            out.update({f"block_mask.{part}": arr for part, arr in value.arrays().items()})
+        else:
+            out[name] = value
+    return out
 
 
 class _Call:
@@ -29,9 +44,8 @@ class _Call:
                 devices[name] = _interop.device_of(obj)
             except InteropError as exc:
                 reasons.append(f"{name}: {exc}")
-        for name in _ARRAY_OPTIONS:
-            value = getattr(opts, name)
-            if value is not None and not isinstance(value, (list, tuple)):
+        for name, value in _option_arrays(opts).items():
+            if not isinstance(value, (list, tuple)):
                 try:
                     devices[name] = _interop.device_of(value)
                 except InteropError as exc:
@@ -51,10 +65,7 @@ class _Call:
             name: _interop.import_array(name, obj, self.stream) for name, obj in arrays.items()
         }
         self.option_refs: dict[str, ArrayRef] = {}
-        for name in _ARRAY_OPTIONS:
-            value = getattr(opts, name)
-            if value is None:
-                continue
+        for name, value in _option_arrays(opts).items():
             if isinstance(value, (list, tuple)):
                 value = self._upload(np.asarray(value, dtype=np.int32 if name.startswith("cu_") else np.float32))
             self.option_refs[name] = _interop.import_array(name, value, self.stream)
@@ -90,6 +101,8 @@ class _Call:
             alibi_slopes=self.option_view("alibi_slopes"),
             bias=self.option_view("bias"),
             mask=self.option_view("mask"),
+            block_mask=o.block_mask if "block_mask" not in self.option_refs else self.option_view("block_mask"),
+            block_size=o.block_sparse_size,
             dropout_p=o.dropout_p,
             seed=o.seed,
             rng_state=self.option_view("rng_state"),
@@ -130,6 +143,8 @@ def forward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,
@@ -168,6 +183,8 @@ def attention(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,
@@ -210,6 +227,8 @@ def probabilities(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     position_offsets: Sequence[int] = (0, 0),
     layout: str = "bshd",
 ) -> Any:
@@ -254,6 +273,8 @@ def backward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,

@@ -86,6 +86,11 @@ def _cdiv(a: int, b: int) -> int:
 # ---- on views -----------------------------------------------------------------------------
 
 
+def _block_size(views: Views) -> tuple[int, int] | None:
+    """Block-sparse calls compile the list-walking kernels, with tiles dividing the blocks."""
+    return None if views.block_sparse is None else tuple(views.block_sparse.block_size)
+
+
 def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
     """Fill views.out and views.lse; return what was launched (None when nothing was:
     zero-size problems launch nothing, and a problem without keys is filled in place)."""
@@ -99,7 +104,8 @@ def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_ind
         views.lse.fill(-np.inf)
         return None
     variant, tiles, smem = _tiles.forward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
+        _block_size(views),
     )
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
@@ -116,7 +122,8 @@ def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, devi
     if total == 0:
         return
     dtype = np.dtype(views.q.dtype)
-    variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index),
+                                           block_size=_block_size(views))
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     Plan((Launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0),), p.pack()).run(stream)
@@ -147,7 +154,8 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
             a.fill(0)
         return None
     plan = _tiles.backward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
+        _block_size(views),
     )
     mod = _build.module(plan.variant, device_index)
     dkdv_mod = _build.module(plan.dkdv_variant, device_index) if plan.dkdv_variant else mod
@@ -193,6 +201,18 @@ def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
         cu = call.option_view(name)
         if cu is not None:
             out[name] = cupy.ascontiguousarray(cu)
+    size = call.opts.block_sparse_size
+    if size is not None:
+        from . import block_sparse
+
+        dense = call.option_view("block_mask")
+        if dense is not None:
+            # Compacted on the device, on the caller's stream, with no synchronisation.
+            shape = (block_sparse.num_blocks(dims.seqlen_q, size[0]), block_sparse.num_blocks(dims.seqlen_k, size[1]))
+            out["block_sparse"] = block_sparse.compact(dense, size, shape)
+        else:
+            parts = {name: call.option_view(f"block_mask.{name}") for name in ("kv_count", "kv_index", "q_count", "q_index")}
+            out["block_sparse"] = block_sparse.BlockSparse(size, verified=True, **parts)
     return out
 
 
