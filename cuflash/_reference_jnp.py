@@ -73,8 +73,11 @@ def _block_mask_elements(opts: Options, seqlen_q: int, seqlen_k: int):
     """(B|1, H|1, seqlen_q, seqlen_k) bool: each block of the block mask expanded."""
     bq, bk = opts.block_sparse_size
     blocks = opts.block_mask
-    if hasattr(blocks, "kv_index"):  # compact lists: back to the boolean blocks (host)
-        blocks = blocks.to_dense()
+    if hasattr(blocks, "kv_index"):  # compact lists back to boolean blocks (traceable)
+        count, index = jnp.asarray(blocks.kv_count), jnp.asarray(blocks.kv_index)
+        n = index.shape[-1]
+        listed = (jnp.arange(n) < count[..., None])[..., None] & (index[..., None] == jnp.arange(n))
+        blocks = jnp.any(listed, axis=-2)
     blocks = _pad4(jnp.asarray(blocks))
     nq, nk = -(-seqlen_q // bq), -(-seqlen_k // bk)
     blocks = jnp.broadcast_to(blocks, blocks.shape[:2] + (nq, nk))

@@ -301,7 +301,8 @@ def _check_block_mask(dims: Dims, opts: Options, option_arrays, reasons) -> None
     for name, ref in parts.items():
         if ref.dtype != np.int32:
             reasons.append(f"block_mask.{name}.dtype={dtype_name(ref.dtype)} must be int32")
-        if not ref.view.flags.c_contiguous:
+        flags = getattr(ref.view, "flags", None)  # absent on traced (metadata-only) views: row-major
+        if flags is not None and not flags.c_contiguous:
             reasons.append(f"block_mask.{name} must be C-contiguous; got strides={ref.strides}")
     index = parts["kv_index"].shape
     if len(index) != 4:
@@ -319,7 +320,8 @@ def _check_block_mask(dims: Dims, opts: Options, option_arrays, reasons) -> None
     for name, shape in expected.items():
         if parts[name].shape != shape:
             reasons.append(f"block_mask.{name} shape {parts[name].shape} must be {shape} (kv_index is {index})")
-    if len(reasons) == before and not getattr(opts.block_mask, "verified", True):
+    readable = all(hasattr(ref.view, "flags") for ref in parts.values())
+    if len(reasons) == before and readable and not getattr(opts.block_mask, "verified", True):
         found = opts.block_mask.value_errors()
         reasons += [f"block_mask: {r}" for r in found]
         if not found:
