@@ -416,3 +416,26 @@ def shipped_variants(arch: str) -> list[Variant]:
                     if hopper is not None:
                         out.append(hopper)
     return out
+
+
+def block_sparse_variants(arch: str, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
+                          block_sizes=None) -> list[Variant]:
+    """The block-sparse (CF_BLOCK_SPARSE) variants a user can reach on `arch`, deduplicated:
+    block sizes that lead to the same tiles share one variant."""
+    limit = SMEM_LIMIT[arch]
+    sizes = block_sizes or [(bq, bk) for bq in BLOCK_SIZES for bk in BLOCK_SIZES]
+    out: dict[Variant, None] = {}
+    for dtype in dtypes or ELEM_CODE:
+        for bucket in head_dims:
+            for general in (False, True):
+                for size in sizes:
+                    hopper = arch if arch in WGMMA_ARCHES else None
+                    out[forward_variant(dtype, bucket, general, limit, block_size=size)[0]] = None
+                    plan = backward_variant(dtype, bucket, general, limit, block_size=size)
+                    out[plan.variant] = None
+                    if hopper:
+                        out[forward_variant(dtype, bucket, general, limit, hopper, size)[0]] = None
+                        dkdv = backward_variant(dtype, bucket, general, limit, hopper, size).dkdv_variant
+                        if dkdv is not None:
+                            out[dkdv] = None
+    return list(out)
