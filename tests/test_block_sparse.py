@@ -335,3 +335,33 @@ def test_every_kernel_tile_lies_in_one_block(arch):
                         assert v is None or ("CF_BLOCK_SPARSE", 1) in v.defines
     dense, _, _ = _tiles.forward_variant(np.float16, 64, False, limit, arch)
     assert all(name != "CF_BLOCK_SPARSE" for name, _ in dense.defines)
+
+
+def test_params_record_carries_the_lists_and_block_size():
+    """fill() puts the four list pointers and (batch|1, heads|1, query blocks, key blocks,
+    block_q, block_k) where the kernels read them (params.h's bs_* fields)."""
+    import dataclasses
+
+    from cuflash import _params
+    from test_build import _views
+
+    views = _views({name: 0x1000 * (i + 1) for i, name in enumerate(
+        ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv", "dsum", "lse_log2", "dq_accum"))})
+
+    class Ptr:
+        def __init__(self, ptr, shape):
+            self.data = type("P", (), {"ptr": ptr})()
+            self.shape = shape
+
+    lists = block_sparse.BlockSparse((64, 128), Ptr(0xA000, (1, 4, 2)), Ptr(0xB000, (1, 4, 2, 1)),
+                                     Ptr(0xC000, (1, 4, 1)), Ptr(0xD000, (1, 4, 1, 2)), verified=True)
+    views = dataclasses.replace(views, block_sparse=lists)
+    opts = make_options(block_mask=lists)
+    dims = _params.Dims(batch=2, seqlen_q=70, seqlen_k=90, num_heads=4, num_heads_kv=2, head_dim=64)
+    rec = _params.fill(views, opts, dims).pack()
+    assert (int(rec["bs_kv_count"]), int(rec["bs_kv_index"]), int(rec["bs_q_count"]), int(rec["bs_q_index"])) == (
+        0xA000, 0xB000, 0xC000, 0xD000)
+    assert [int(rec[f]) for f in ("bs_batches", "bs_heads", "bs_q_blocks", "bs_k_blocks", "bs_block_q", "bs_block_k")] == [
+        1, 4, 2, 1, 64, 128]
+    dense = _params.fill(dataclasses.replace(views, block_sparse=None), make_options(), dims).pack()
+    assert int(dense["bs_kv_index"]) == 0 and int(dense["bs_block_q"]) == 0
