@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--cudnn-max-seqlen", type=int, default=65536,
                     help="the dense (1, 1, N, N) bool mask is N^2 bytes (4 GiB at 64k)")
-    ap.add_argument("--time-limit-s", type=float, default=200.0, help="after the checks; later points are skipped")
+    ap.add_argument("--time-limit-s", type=float, default=180.0, help="after the checks; later points are skipped")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--selftest", action="store_true", help="no GPU: toy sizes on the CPU (float64 host path)")
     args = ap.parse_args(argv)
