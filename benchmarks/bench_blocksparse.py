@@ -126,6 +126,11 @@ def run_cuflash(p: Problem, q, k, v):
     return cft.attention(q, k, v, block_mask=p.compact)
 
 
+def run_cuflash_plain(p: Problem, q, k, v):
+    """cuflash without a block mask (the plain kernels): what density 1.0 costs over them."""
+    return cft.attention(q, k, v)
+
+
 _compiled_flex = {}
 
 
@@ -258,6 +263,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
         actual = cf["density"] if cf else dens
         lines.append(f"| {d} | {n} | {mode} | {actual:.3f} | {ms(cf)} | {ms(cells['flex_attention'])} | "
                      f"{ms(cells['sdpa_cudnn'])} | {vs_dense} | {x_flex} | {x_cudnn} |")
+    if meta.get("cuflash_plain_dense"):
+        lines += ["", "cuflash without a block mask (plain kernels) at the dense points, ms:", ""]
+        lines += [f"- d={r['head_dim']} N={r['seqlen']} {r['mode']}: {r['ms']:.3f}" for r in meta["cuflash_plain_dense"]]
     if meta.get("skipped"):
         lines += ["", "Not measured:", ""] + [f"- {s}" for s in meta["skipped"]]
     if meta.get("checks"):
@@ -341,6 +349,9 @@ def main(argv=None) -> int:
         "timing": "CUDA events, median of >= 3 repeats filling ~60 ms after warm-up",
         "checks": {},
         "skipped": [],
+        # cuflash's plain kernels (no block mask) at the density-1.0 points, ms: the block
+        # mask's own overhead is rows' density-1.0 cuflash time over these.
+        "cuflash_plain_dense": [],
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,6 +393,9 @@ def main(argv=None) -> int:
                             continue
                         rows.append(dict(seqlen=n, head_dim=d, pattern="random", density=round(p.density, 4),
                                          density_nominal=density, mode=mode, system=system, ms=round(ms, 4)))
+                        if system == "cuflash" and density == 1.0:
+                            plain = measure(run_cuflash_plain, p, mode)
+                            meta["cuflash_plain_dense"].append(dict(seqlen=n, head_dim=d, mode=mode, ms=round(plain, 4)))
                         print(f"{system:15s} d={d:3d} N={n:6d} density={p.density:.3f} {mode:8s} {ms:9.3f} ms",
                               flush=True)
                     del p
