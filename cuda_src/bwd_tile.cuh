@@ -47,28 +47,79 @@ struct QueryTile {
     i64 ws;
 };
 
-template <typename T>
+// The flattened walk (query head of the group, query tile) of a key tile. Dense: every
+// head sees the same query tiles, so step `it` is found by division. Block-sparse: each
+// head has its own list, so a cursor steps through the heads' ranges; the kernels ask for
+// steps in the order 0, 1, 0, 2, 1, 3, 2, ... (the next tile is loaded before the current
+// one is computed), so the cursor keeps the step before its own as well.
+template <typename T, bool kSparse = false>
 struct KeyTileWalk {
     const Params& p;
     const SeqInfo& seq;
-    int b, hk, group, block_m, m_lo, per_head, iterations;
+    int b, hk, group, block_m, m_lo, m_hi, per_head, iterations;
+    // Block-sparse: the key tile's key block and the tiles per query block (log2); the
+    // cursor: step cur_it is position cur_pos of head cur_h's range (tile cur_tile), and
+    // step cur_it - 1 was tile prev_tile of head prev_h.
+    int kb, shift;
+    mutable int range_hi, cur_it, cur_h, cur_pos, cur_tile, prev_h, prev_tile;
 
     CF_DEVICE KeyTileWalk(const Params& p_, const SeqInfo& seq_, const IndexMask& index_mask, int b_, int hk_, int n0,
                           int block_n, int block_m_)
         : p(p_), seq(seq_), b(b_), hk(hk_), group(p_.num_heads / p_.num_heads_kv), block_m(block_m_) {
-        int m_hi;
         index_mask.query_blocks(n0, block_n, block_m, m_lo, m_hi);
-        per_head = max(m_hi - m_lo, 0);
-        iterations = group * per_head;
+        if constexpr (kSparse) {
+            kb = n0 / p.bs_block_k;
+            shift = tiles_per_block_log2(p.bs_block_q, block_m);
+            iterations = 0;
+            if (p.bs_heads == 1) {
+                iterations = group * head_range(0).count();  // one list for every head
+            } else {
+                for (int hl = 0; hl < group; ++hl) iterations += head_range(hl).count();
+            }
+            cur_it = cur_h = -1;
+            cur_pos = range_hi = 0;
+            cur_tile = prev_h = prev_tile = 0;
+        } else {
+            per_head = max(m_hi - m_lo, 0);
+            iterations = group * per_head;
+        }
     }
 
-    CF_DEVICE QueryTile at(int it) const {
+    // Block-sparse: the query tiles of the group's head hl (0 <= hl < group).
+    CF_DEVICE TileRange<true> head_range(int hl) const {
+        const i64 row = block_list_row(p, b, hk * group + hl, kb, p.bs_k_blocks);
+        return TileRange<true>(p.bs_q_index + row * p.bs_q_blocks, p.bs_q_count[row], shift, m_lo, m_hi);
+    }
+
+    CF_DEVICE QueryTile tile(int hl, int m_block) const {
         QueryTile t;
-        t.h = hk * group + it / per_head;
-        t.m0 = (m_lo + it % per_head) * block_m;
+        t.h = hk * group + hl;
+        t.m0 = m_block * block_m;
         t.rows_q = min(block_m, seq.seqlen_q - t.m0);
         t.ws = ws_offset(p, seq, b, t.h) + t.m0;
         return t;
+    }
+
+    CF_DEVICE QueryTile at(int it) const {
+        if constexpr (kSparse) {
+            if (it == cur_it - 1) return tile(prev_h, prev_tile);
+            if (it != cur_it) {  // it == cur_it + 1 (it < iterations): step the cursor
+                prev_h = cur_h;
+                prev_tile = cur_tile;
+                ++cur_pos;
+                while (cur_pos >= range_hi) {  // the next head with a tile
+                    const TileRange<true> r = head_range(++cur_h);
+                    cur_pos = r.lo;
+                    range_hi = r.hi;
+                }
+                const i64 row = block_list_row(p, b, hk * group + cur_h, kb, p.bs_k_blocks);
+                cur_tile = TileRange<true>::tile_at(p.bs_q_index + row * p.bs_q_blocks, shift, cur_pos);
+                cur_it = it;
+            }
+            return tile(cur_h, cur_tile);
+        } else {
+            return tile(it / per_head, m_lo + it % per_head);
+        }
     }
 
     // First rows of the tiles in global memory.

@@ -22,7 +22,9 @@
 // CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_BWD_STAGES (dK/dV kernel; 2 stages
 // load the next query tile's Q and dO while this one computes), CF_BWD_WM_S, CF_BWD_WN_KV,
 // CF_BWD_WM_Q (its warp layouts; 0 = rows first) and CF_DQ_BLOCK_M,
-// CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel).
+// CF_DQ_BLOCK_N, CF_DQ_WARPS (deterministic dQ kernel), CF_BLOCK_SPARSE (every kernel
+// visits only the listed blocks: dQ a query tile's key blocks, dK/dV a key tile's query
+// blocks from the transposed lists; TileRange in mask.cuh, KeyTileWalk in bwd_tile.cuh).
 #include "bwd_tile.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -207,7 +209,7 @@ CF_DEVICE void bwd_prep(const Params& p) {
 // ---- dK, dV (and atomic dQ) --------------------------------------------------------------
 
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, int kStages, int kWarpsMS,
-          int kWarpsNKV, int kWarpsMQ>
+          int kWarpsNKV, int kWarpsMQ, bool kSparse>
 struct BwdKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;   // Q, dO, K, V tiles
@@ -243,7 +245,7 @@ struct BwdKernel {
         if (n0 >= seq.seqlen_k) return;
         const int rows_k = min(kBlockN, seq.seqlen_k - n0);
         const IndexMask index_mask(p, seq);
-        const KeyTileWalk<T> walk(p, seq, index_mask, b, hk, n0, kBlockN, kBlockM);
+        const KeyTileWalk<T, kSparse> walk(p, seq, index_mask, b, hk, n0, kBlockN, kBlockM);
         const int iterations = walk.iterations;
 
         // Shared memory: K, V | kStages x (Q, dO) | P, dS | kStages x (lse, Dsum) rows.
@@ -450,7 +452,7 @@ struct BwdKernel {
 
 // ---- deterministic dQ ----------------------------------------------------------------------
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, bool kSparse>
 struct DqKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;
@@ -500,10 +502,9 @@ struct DqKernel {
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) acc_dq[dt][0] = acc_dq[dt][1] = acc_dq[dt][2] = acc_dq[dt][3] = 0.f;
 
-        int n_lo, n_hi;
-        index_mask.key_blocks(m0, kBlockM, kBlockN, n_lo, n_hi);
-        for (int n_block = n_lo; n_block < n_hi; ++n_block) {
-            const int n0 = n_block * kBlockN;
+        const auto tiles = index_mask.key_tiles<kSparse>(p, b, h, m0, kBlockM, kBlockN);
+        for (int i = tiles.lo; i < tiles.hi; ++i) {
+            const int n0 = tiles.at(i) * kBlockN;
             const int rows_k = min(kBlockN, seq.seqlen_k - n0);
             __syncthreads();  // every warp is done with the previous K, V
             load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k + (i64)n0 * p.k_row_stride, p.k_row_stride, rows_k,
@@ -618,12 +619,12 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_prep(const __grid_
 extern "C" __global__ void __launch_bounds__(CF_BWD_WARPS * 32) cuflash_bwd_dkdv(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
     BwdKernel<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS, CF_GENERAL != 0, CF_BWD_STAGES, CF_BWD_WM_S,
-              CF_BWD_WN_KV, CF_BWD_WM_Q>::run(p, smem);
+              CF_BWD_WN_KV, CF_BWD_WM_Q, CF_BLOCK_SPARSE != 0>::run(p, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(CF_DQ_WARPS * 32) cuflash_bwd_dq(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
-    DqKernel<ElemT, CF_HEAD_DIM, CF_DQ_BLOCK_M, CF_DQ_BLOCK_N, CF_DQ_WARPS, CF_GENERAL != 0>::run(p, smem);
+    DqKernel<ElemT, CF_HEAD_DIM, CF_DQ_BLOCK_M, CF_DQ_BLOCK_N, CF_DQ_WARPS, CF_GENERAL != 0, CF_BLOCK_SPARSE != 0>::run(p, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(128) cuflash_bwd_dq_convert(const __grid_constant__ Params p) {

@@ -31,7 +31,8 @@
 //
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM 0/1 = fp16/bf16, CF_HEAD_DIM
 // (the head-dim bucket; padded to a multiple of 64 here), CF_BWD_BLOCK_M (query tile: 64
-// or 128), CF_BWD_BLOCK_N (key tile: 64 x key groups), CF_BWD_WARPS (4 x warpgroups).
+// or 128), CF_BWD_BLOCK_N (key tile: 64 x key groups), CF_BWD_WARPS (4 x warpgroups),
+// CF_BLOCK_SPARSE (walk only the query blocks listed for the key block: KeyTileWalk).
 #include "bwd_tile.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -39,7 +40,7 @@
 #include "sm90.cuh"
 #include "tile_io.cuh"
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWG>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kWG, bool kSparse>
 struct BwdSm90 {
     static constexpr int kD = (kHeadDim + 63) / 64 * 64;
     static constexpr int kThreads = 128 * kWG;
@@ -110,7 +111,7 @@ struct BwdSm90 {
         if (n0 >= seq.seqlen_k) return;
         const int rows_k = min(kBlockN, seq.seqlen_k - n0);
         const IndexMask index_mask(p, seq);
-        const KeyTileWalk<T> walk(p, seq, index_mask, b, hk, n0, kBlockN, kBlockM);
+        const KeyTileWalk<T, kSparse> walk(p, seq, index_mask, b, hk, n0, kBlockN, kBlockM);
         const int iterations = walk.iterations;
 
         // Swizzle atoms are 1024 bytes; the host adds 1 KB so the tiles can be aligned.
@@ -329,5 +330,5 @@ typedef bf16_t ElemT;
 
 extern "C" __global__ void __launch_bounds__(CF_BWD_WARPS * 32, CF_BWD_MIN_BLOCKS) cuflash_bwd_dkdv(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) char smem[];
-    BwdSm90<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS / 4>::run(p, smem);
+    BwdSm90<ElemT, CF_HEAD_DIM, CF_BWD_BLOCK_M, CF_BWD_BLOCK_N, CF_BWD_WARPS / 4, CF_BLOCK_SPARSE != 0>::run(p, smem);
 }

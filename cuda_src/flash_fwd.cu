@@ -14,7 +14,8 @@
 // Compile-time configuration (set by cuflash/_tiles.py):
 //   CF_ELEM 0/1/2 = fp16/bf16/fp32, CF_HEAD_DIM (padded head dim, a multiple of 32),
 //   CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_FWD_Q_REGS (Q fragments kept in
-//   registers), CF_GENERAL (score modifiers compiled in).
+//   registers), CF_GENERAL (score modifiers compiled in), CF_BLOCK_SPARSE (visit only the
+//   key blocks listed for the tile's query block; see TileRange in mask.cuh).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -22,7 +23,7 @@
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, bool kQRegs>
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool kGeneral, bool kQRegs, bool kSparse>
 struct FwdKernel {
     static constexpr int kThreads = kNWarps * 32;
     static constexpr int kLd = kHeadDim + SmemPad<T>::kElems;
@@ -60,8 +61,8 @@ struct FwdKernel {
         const int rows_q = min(kBlockM, seq.seqlen_q - m0);
         const bool vec_k = p.aligned & CF_ALIGN_K, vec_v = p.aligned & CF_ALIGN_V;
 
-        int n_lo, n_hi;
-        index_mask.key_blocks(m0, kBlockM, kBlockN, n_lo, n_hi);
+        // The key tiles to visit, walked from the last position to the first.
+        const auto tiles = index_mask.key_tiles<kSparse>(p, b, h, m0, kBlockM, kBlockN);
 
         float acc_o[kMT][kDT][4];
 #pragma unroll
@@ -72,11 +73,11 @@ struct FwdKernel {
         const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
         const DropoutRng rng(p);
 
-        if (n_lo < n_hi) {
+        if (tiles.lo < tiles.hi) {
             load_tile<T, kBlockM, kHeadDim, kLd, kThreads>(sQ, q, p.q_row_stride, rows_q, p.head_dim,
                                                            p.aligned & CF_ALIGN_Q, tid);
             {
-                const int n0 = (n_hi - 1) * kBlockN;
+                const int n0 = tiles.at(tiles.hi - 1) * kBlockN;
                 load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k + (i64)n0 * p.k_row_stride, p.k_row_stride,
                                                                min(kBlockN, seq.seqlen_k - n0), p.head_dim, vec_k, tid);
             }
@@ -91,8 +92,8 @@ struct FwdKernel {
             const ScoreMods mods(p, seq, b, h);
             const int warp_row0 = m0 + warp * kWarpRows;  // rows of m16 tile mt: warp_row0 + 16 mt + {g, g + 8}
 
-            for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
-                const int n0 = n_block * kBlockN;
+            for (int i = tiles.hi - 1; i >= tiles.lo; --i) {
+                const int n0 = tiles.at(i) * kBlockN;
                 cp_async_wait<0>();
                 __syncthreads();  // K(n) (and Q) landed; every warp is done with V(n+1)
                 load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sV, v + (i64)n0 * p.v_row_stride, p.v_row_stride,
@@ -162,8 +163,8 @@ struct FwdKernel {
 
                 cp_async_wait<0>();
                 __syncthreads();  // V(n) landed; every warp is done with K(n)
-                if (n_block > n_lo) {
-                    const int n0_next = n0 - kBlockN;
+                if (i > tiles.lo) {
+                    const int n0_next = tiles.at(i - 1) * kBlockN;
                     load_tile<T, kBlockN, kHeadDim, kLd, kThreads>(sK, k + (i64)n0_next * p.k_row_stride, p.k_row_stride,
                                                                    min(kBlockN, seq.seqlen_k - n0_next), p.head_dim,
                                                                    vec_k, tid);
@@ -249,7 +250,8 @@ typedef float ElemT;
 
 extern "C" __global__ void __launch_bounds__(CF_FWD_WARPS * 32) cuflash_fwd(const __grid_constant__ Params p) {
     extern __shared__ __align__(128) char smem[];
-    FwdKernel<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL != 0, CF_FWD_Q_REGS != 0>::run(p, smem);
+    FwdKernel<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_M, CF_FWD_BLOCK_N, CF_FWD_WARPS, CF_GENERAL != 0, CF_FWD_Q_REGS != 0,
+              CF_BLOCK_SPARSE != 0>::run(p, smem);
 }
 
 // Debugging aid, for small problems: the probabilities P = exp(s - lse) of every
@@ -279,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(128) cuflash_probs(const __grid_con
     const IndexMask index_mask(p, seq);
     int lo, hi;
     index_mask.row_limits(i, lo, hi);
-    const bool ok = j >= lo && j <= hi;
+    const bool ok = j >= lo && j <= hi && (!CF_BLOCK_SPARSE || block_allows(p, b, h, i, j));
     float x;
     if (CF_GENERAL) {
         const ScoreMods mods(p, seq, b, h);

@@ -16,7 +16,8 @@
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM 0/1 = fp16/bf16, CF_HEAD_DIM
 // (the head-dim bucket), CF_FWD_BLOCK_N (key tile: 32, 64 or 128), CF_FWD_WARPS (4 x the
 // warpgroups), CF_FWD_MIN_BLOCKS (resident blocks per SM the registers must allow),
-// CF_FWD_OVERLAP (software-pipeline P·V of one key tile with the softmax of the next).
+// CF_FWD_OVERLAP (software-pipeline P·V of one key tile with the softmax of the next),
+// CF_BLOCK_SPARSE (visit only the listed key blocks; TileRange in mask.cuh).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mma.cuh"
@@ -24,7 +25,7 @@
 #include "softmax.cuh"
 #include "tile_io.cuh"
 
-template <typename T, int kHeadDim, int kBlockN, int kWG, bool kOverlap>
+template <typename T, int kHeadDim, int kBlockN, int kWG, bool kOverlap, bool kSparse>
 struct FwdSm90 {
     static constexpr int kD = (kHeadDim + 63) / 64 * 64;
     static constexpr int kBlockM = 64 * kWG, kThreads = 128 * kWG;
@@ -58,8 +59,8 @@ struct FwdSm90 {
         const int rows_q = min(kBlockM, seq.seqlen_q - m0);
         const bool vec_k = p.aligned & CF_ALIGN_K, vec_v = p.aligned & CF_ALIGN_V;
 
-        int n_lo, n_hi;
-        index_mask.key_blocks(m0, kBlockM, kBlockN, n_lo, n_hi);
+        // The key tiles to visit, walked from the last position to the first.
+        const auto tiles = index_mask.key_tiles<kSparse>(p, b, h, m0, kBlockM, kBlockN);
 
         float acc_o[kDT][4];
 #pragma unroll
@@ -127,21 +128,23 @@ struct FwdSm90 {
             }
         };
 
-        if (n_lo < n_hi && !kOverlap) {
+        if (tiles.lo < tiles.hi && !kOverlap) {
             // K(n) and V(n) load together, one tile ahead of the products.
             load_swizzled<T, kBlockM, kD, kThreads>(sQ, smem, q, p.q_row_stride, rows_q, p.head_dim,
                                                     p.aligned & CF_ALIGN_Q, tid);
-            load_k(n_hi - 1, 0);
-            load_v(n_hi - 1, 0);
+            load_k(tiles.at(tiles.hi - 1), 0);
+            load_v(tiles.at(tiles.hi - 1), 0);
             cp_async_commit();
-            for (int n_block = n_hi - 1, it = 0; n_block >= n_lo; --n_block, ++it) {
+            for (int i = tiles.hi - 1, it = 0; i >= tiles.lo; --i, ++it) {
+                const int n_block = tiles.at(i);
                 const int stage = it & 1;
                 cp_async_wait<0>();
                 fence_proxy_async();
                 __syncthreads();  // tile n landed; every warpgroup is done with the other buffers
-                if (n_block > n_lo) {
-                    load_k(n_block - 1, stage ^ 1);
-                    load_v(n_block - 1, stage ^ 1);
+                if (i > tiles.lo) {
+                    const int n_next = tiles.at(i - 1);
+                    load_k(n_next, stage ^ 1);
+                    load_v(n_next, stage ^ 1);
                     cp_async_commit();
                 }
                 float s[kNT][4];
@@ -158,21 +161,22 @@ struct FwdSm90 {
                 pin(acc_o);
             }
         }
-        if (n_lo < n_hi && kOverlap) {
+        if (tiles.lo < tiles.hi && kOverlap) {
             // Software pipeline across key tiles: while the softmax of tile n runs on the
             // CUDA cores, the tensor cores work on P(n+1)·V(n+1), issued just before. K
             // loads lead V loads by one tile: iteration n needs K(n) and V(n+1).
             load_swizzled<T, kBlockM, kD, kThreads>(sQ, smem, q, p.q_row_stride, rows_q, p.head_dim,
                                                     p.aligned & CF_ALIGN_Q, tid);
-            load_k(n_hi - 1, 0);
+            load_k(tiles.at(tiles.hi - 1), 0);
             cp_async_commit();
             FragA<T> pa[kBlockN / 16];  // P of the previous tile, until its product is issued
-            for (int n_block = n_hi - 1, it = 0; n_block >= n_lo; --n_block, ++it) {
+            for (int i = tiles.hi - 1, it = 0; i >= tiles.lo; --i, ++it) {
+                const int n_block = tiles.at(i);
                 const int stage = it & 1;
                 cp_async_wait<0>();
                 fence_proxy_async();
                 __syncthreads();  // K(n) and V(n+1) landed; the other buffers are free
-                if (n_block > n_lo) load_k(n_block - 1, stage ^ 1);
+                if (i > tiles.lo) load_k(tiles.at(i - 1), stage ^ 1);
                 load_v(n_block, stage);
                 cp_async_commit();
                 float s[kNT][4];
@@ -196,7 +200,7 @@ struct FwdSm90 {
             cp_async_wait<0>();
             fence_proxy_async();
             __syncthreads();  // V of the last tile landed
-            issue_pv(pa, (n_hi - n_lo - 1) & 1);
+            issue_pv(pa, (tiles.hi - tiles.lo - 1) & 1);
             wgmma_wait_all();
             pin(acc_o);
         }
@@ -239,5 +243,5 @@ typedef bf16_t ElemT;
 
 extern "C" __global__ void __launch_bounds__(CF_FWD_WARPS * 32, CF_FWD_MIN_BLOCKS) cuflash_fwd(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) char smem[];
-    FwdSm90<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_WARPS / 4, CF_FWD_OVERLAP != 0>::run(p, smem);
+    FwdSm90<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_WARPS / 4, CF_FWD_OVERLAP != 0, CF_BLOCK_SPARSE != 0>::run(p, smem);
 }

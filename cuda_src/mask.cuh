@@ -8,6 +8,10 @@
 #pragma once
 #include "common.cuh"
 
+#ifndef CF_BLOCK_SPARSE
+#define CF_BLOCK_SPARSE 0  // 1: kernels walk block-sparse lists (Params::bs_*)
+#endif
+
 // One sequence of the batch: its lengths, where its rows start in a packed (varlen)
 // batch, and its diagonal (the key aligned with query 0). Global positions (a chunk of a
 // longer sequence: query row i at q_position + i, key j at k_position + j) shift the
@@ -57,6 +61,75 @@ struct QueryBlock {
         m0 = m_block * block_m;
     }
 };
+
+// The kernel tiles one tile walks along the other axis (key tiles of a query tile, or
+// query tiles of a key tile): positions [lo, hi), position i being tile at(i), ascending.
+// Dense: the index rules' tile range itself (at(i) = i, so a dense walk compiles to the
+// plain loop over tile indices). Block-sparse: positions in the list of the listed blocks
+// expanded to tiles (each block is 2^shift tiles), clipped to the index rules' range; the
+// list is ascending, so the clipped tiles are one contiguous run of positions, found by
+// two binary searches over the (L2-resident) list before the walk starts.
+template <bool kSparse>
+struct TileRange;
+
+template <>
+struct TileRange<false> {
+    int lo, hi;
+    CF_DEVICE TileRange(int lo_, int hi_) : lo(lo_), hi(hi_) {}
+    CF_DEVICE int at(int i) const { return i; }
+    CF_DEVICE int count() const { return hi > lo ? hi - lo : 0; }
+};
+
+template <>
+struct TileRange<true> {
+    const int* blocks;
+    int shift, lo, hi;
+
+    CF_DEVICE TileRange() : blocks(nullptr), shift(0), lo(0), hi(0) {}
+    CF_DEVICE TileRange(const int* blocks_, int num_blocks, int shift_, int lo_tile, int hi_tile)
+        : blocks(blocks_), shift(shift_) {
+        lo = expanded_lower_bound(num_blocks, lo_tile);
+        hi = max(expanded_lower_bound(num_blocks, hi_tile), lo);
+    }
+    CF_DEVICE int at(int i) const { return tile_at(blocks, shift, i); }
+    static CF_DEVICE int tile_at(const int* blocks, int shift, int i) {
+        return (blocks[i >> shift] << shift) + (i & ((1 << shift) - 1));
+    }
+    CF_DEVICE int count() const { return hi - lo; }
+    // The first position of the expanded list whose tile is >= x (x >= 0).
+    CF_DEVICE int expanded_lower_bound(int num_blocks, int x) const {
+        const int block = x >> shift;
+        int lo = 0, hi = num_blocks;
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (blocks[mid] < block) lo = mid + 1;
+            else hi = mid;
+        }
+        const int e = lo << shift;
+        return (lo < num_blocks && blocks[lo] == block) ? e + (x & ((1 << shift) - 1)) : e;
+    }
+};
+
+// log2 of the tiles per block (block and tile sizes are powers of two, tile <= block).
+CF_DEVICE int tiles_per_block_log2(int block, int tile) { return __ffs(block / tile) - 1; }
+
+// The block-sparse list row of (batch b, head h, block `blk`) among `blocks` blocks along
+// the listed axis; broadcast batch and head dimensions have size 1.
+CF_DEVICE i64 block_list_row(const Params& p, int b, int h, int blk, int blocks) {
+    const i64 bb = p.bs_batches > 1 ? b : 0, hh = p.bs_heads > 1 ? h : 0;
+    return (bb * p.bs_heads + hh) * blocks + blk;
+}
+
+// Whether block-sparse lists allow (query i, key j) of (b, h): a scan of query block
+// i's list, for the one-element-per-thread probabilities kernel only.
+CF_DEVICE bool block_allows(const Params& p, int b, int h, int i, int j) {
+    const i64 row = block_list_row(p, b, h, i / p.bs_block_q, p.bs_q_blocks);
+    const int* list = p.bs_kv_index + row * p.bs_k_blocks;
+    const int n = p.bs_kv_count[row], kb = j / p.bs_block_k;
+    for (int e = 0; e < n; ++e)
+        if (list[e] == kb) return true;
+    return false;
+}
 
 // Causal and sliding-window limits. left/right < 0 mean unbounded; the host folds
 // `causal` into right = 0.
@@ -118,6 +191,37 @@ struct IndexMask {
             const i64 last_key = (i64)min(n0 + N, seqlen_k) - 1;
             const i64 last_row = last_key - diag + left;
             hi = (int)min((i64)hi, floor_div(last_row, M) + 1);
+        }
+    }
+
+    // The key tiles (N keys each) that query tile [m0, m0 + M) of (b, h) computes: the
+    // index rules' range and, block-sparse, only the listed key blocks of the query block
+    // holding the tile (M divides the query block).
+    template <bool kSparse>
+    CF_DEVICE TileRange<kSparse> key_tiles(const Params& p, int b, int h, int m0, int M, int N) const {
+        int lo, hi;
+        key_blocks(m0, M, N, lo, hi);
+        if constexpr (kSparse) {
+            const i64 row = block_list_row(p, b, h, m0 / p.bs_block_q, p.bs_q_blocks);
+            return TileRange<true>(p.bs_kv_index + row * p.bs_k_blocks, p.bs_kv_count[row],
+                                   tiles_per_block_log2(p.bs_block_k, N), lo, hi);
+        } else {
+            return TileRange<false>(lo, hi);
+        }
+    }
+
+    // The query tiles (M rows each) of query head h that key tile [n0, n0 + N) of batch b
+    // is seen by: the transpose of key_tiles, from the transposed lists.
+    template <bool kSparse>
+    CF_DEVICE TileRange<kSparse> query_tiles(const Params& p, int b, int h, int n0, int N, int M) const {
+        int lo, hi;
+        query_blocks(n0, N, M, lo, hi);
+        if constexpr (kSparse) {
+            const i64 row = block_list_row(p, b, h, n0 / p.bs_block_k, p.bs_k_blocks);
+            return TileRange<true>(p.bs_q_index + row * p.bs_q_blocks, p.bs_q_count[row],
+                                   tiles_per_block_log2(p.bs_block_q, M), lo, hi);
+        } else {
+            return TileRange<false>(lo, hi);
         }
     }
 

@@ -38,6 +38,15 @@ struct Params {
     float* dsum;
     float* lse_log2;
     float* dbias_full;
+    // Block-sparse attention (kernels compiled with CF_BLOCK_SPARSE): for each (batch, head,
+    // query block) the number of key blocks it computes and their indices, ascending; and
+    // the transposed lists, per key block, for the dK/dV kernels. int32, contiguous:
+    // counts [bs_batches][bs_heads][blocks], indices [...][blocks][other blocks]; a batch
+    // or head dimension of 1 is broadcast.
+    const int* bs_kv_count;
+    const int* bs_kv_index;
+    const int* bs_q_count;
+    const int* bs_q_index;
     // ---- strides (elements). Rows of a packed (varlen) batch use the row stride alone. ----
     cf_i64 q_batch_stride;
     cf_i64 q_row_stride;
@@ -108,6 +117,14 @@ struct Params {
     // shift the aligned diagonal (causal, windows, ALiBi) and dropout's coordinates.
     int q_position;
     int k_position;
+    // Block-sparse lists' dimensions and block size (rows of a query block, keys of a key
+    // block: multiples of the kernels' tiles, chosen so by cuflash/_tiles.py).
+    int bs_batches;
+    int bs_heads;
+    int bs_q_blocks;
+    int bs_k_blocks;
+    int bs_block_q;
+    int bs_block_k;
     int pad0;
 };
 

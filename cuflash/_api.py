@@ -14,7 +14,22 @@ from . import _fast, _interop, _validate, reference
 from ._interop import ArrayRef, Device, InteropError
 from ._options import Options, is_real, make_options
 
-_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state")
+_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state", "block_mask")
+
+
+def _option_arrays(opts: Options) -> dict[str, Any]:
+    """The array-valued options by the name they are imported under: a compact block mask
+    contributes its four lists (block_mask.kv_count, ...)."""
+    out = {}
+    for name in _ARRAY_OPTIONS:
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        if name == "block_mask" and hasattr(value, "kv_index"):
+            out.update({f"block_mask.{part}": arr for part, arr in value.arrays().items()})
+        else:
+            out[name] = value
+    return out
 
 
 class _Call:
@@ -30,13 +45,12 @@ class _Call:
             except InteropError as exc:
                 reasons.append(f"{name}: {exc}")
         sequences: dict[str, np.ndarray] = {}
-        for name in _ARRAY_OPTIONS:
-            value = getattr(opts, name)
+        for name, value in _option_arrays(opts).items():
             if isinstance(value, (list, tuple)):
                 converted = _validate.sequence_option(name, value, reasons)
                 if converted is not None:
                     sequences[name] = converted
-            elif value is not None:
+            else:
                 try:
                     devices[name] = _interop.device_of(value)
                 except InteropError as exc:
@@ -56,10 +70,7 @@ class _Call:
             name: _interop.import_array(name, obj, self.stream) for name, obj in arrays.items()
         }
         self.option_refs: dict[str, ArrayRef] = {}
-        for name in _ARRAY_OPTIONS:
-            value = getattr(opts, name)
-            if value is None:
-                continue
+        for name, value in _option_arrays(opts).items():
             if name in sequences:
                 value = self._upload(sequences[name])
             self.option_refs[name] = _interop.import_array(name, value, self.stream)
@@ -95,6 +106,8 @@ class _Call:
             alibi_slopes=self.option_view("alibi_slopes"),
             bias=self.option_view("bias"),
             mask=self.option_view("mask"),
+            block_mask=o.block_mask if "block_mask" not in self.option_refs else self.option_view("block_mask"),
+            block_size=o.block_sparse_size,
             dropout_p=o.dropout_p,
             seed=o.seed,
             rng_state=self.option_view("rng_state"),
@@ -136,6 +149,8 @@ def forward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,
@@ -175,6 +190,8 @@ def attention(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,
@@ -218,6 +235,8 @@ def probabilities(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     position_offsets: Sequence[int] = (0, 0),
     layout: str = "bshd",
 ) -> Any:
@@ -263,6 +282,8 @@ def backward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     rng_state: Any = None,

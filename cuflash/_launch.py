@@ -116,6 +116,11 @@ def _cdiv(a: int, b: int) -> int:
 # ---- on views -----------------------------------------------------------------------------
 
 
+def _block_size(views: Views) -> tuple[int, int] | None:
+    """Block-sparse calls compile the list-walking kernels, with tiles dividing the blocks."""
+    return None if views.block_sparse is None else tuple(views.block_sparse.block_size)
+
+
 def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
                     record: Any) -> tuple[_build.Variant, _tiles.Tiles, int, _tma.ForwardMaps | None]:
     """(variant, tiles, shared memory, TMA maps or None) of the forward: the warp-specialised
@@ -123,7 +128,9 @@ def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
     picks without TMA."""
     dtype = np.dtype(views.q.dtype)
     general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
-    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True)
+    block_size = _block_size(views)
+    variant, tiles, smem = _tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, tma=True,
+                                                  block_size=block_size)
     if variant.kernel_file != _tiles.WS_FWD_FILE:
         return variant, tiles, smem, None
     maps = _tma.forward_maps(views, opts.layout, dims.varlen, tiles.block_m, tiles.block_n,
@@ -134,7 +141,7 @@ def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
             return variant, tiles, smem, maps
         except RuntimeError as exc:  # a layout the driver refuses: the wgmma kernel serves it
             _log.warning("cuflash: TMA descriptors refused (%s); using the wgmma forward", exc)
-    return (*_tiles.forward_variant(dtype, dims.head_dim, general, limit, arch), None)
+    return (*_tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, block_size=block_size), None)
 
 
 def run_forward(views: Views, opts: Options, dims: Dims, stream: Any, device_index: int) -> Plan | None:
@@ -167,7 +174,8 @@ def run_probabilities(views: Views, opts: Options, dims: Dims, stream: Any, devi
     if total == 0:
         return
     dtype = np.dtype(views.q.dtype)
-    variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index))
+    variant, _, _ = _tiles.forward_variant(dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index),
+                                           block_size=_block_size(views))
     mod = _build.module(variant, device_index)
     p = _params.fill(views, opts, dims)
     Plan((Launch(mod, "cuflash_probs", _cdiv(total, 128), 128, 0),), p.pack()).run(stream)
@@ -198,7 +206,8 @@ def run_backward(views: Views, opts: Options, dims: Dims, stream: Any, device_in
             a.fill(0)
         return None
     plan = _tiles.backward_variant(
-        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index)
+        dtype, dims.head_dim, _params.is_general(opts), smem_limit(device_index), _build.arch_of(device_index),
+        _block_size(views),
     )
     mod = _build.module(plan.variant, device_index)
     dkdv_mod = _build.module(plan.dkdv_variant, device_index) if plan.dkdv_variant else mod
@@ -247,6 +256,18 @@ def _option_views(call: Any, dims: Dims) -> dict[str, Any]:
     state = call.option_view("rng_state")
     if state is not None:  # read by the kernels when they run: never copied (validated contiguous)
         out["rng_state"] = state
+    size = call.opts.block_sparse_size
+    if size is not None:
+        from . import block_sparse
+
+        dense = call.option_view("block_mask")
+        if dense is not None:
+            # Compacted on the device, on the caller's stream, with no synchronisation.
+            shape = (block_sparse.num_blocks(dims.seqlen_q, size[0]), block_sparse.num_blocks(dims.seqlen_k, size[1]))
+            out["block_sparse"] = block_sparse.compact(dense, size, shape)
+        else:
+            parts = {name: call.option_view(f"block_mask.{name}") for name in ("kv_count", "kv_index", "q_count", "q_index")}
+            out["block_sparse"] = block_sparse.BlockSparse(size, verified=True, **parts)
     return out
 
 

@@ -26,6 +26,8 @@ OPTION_NAMES = (
     "alibi_slopes",
     "bias",
     "mask",
+    "block_mask",
+    "block_size",
     "dropout_p",
     "seed",
     "rng_state",
@@ -51,6 +53,10 @@ class Options:
     alibi_slopes: Any = None
     bias: Any = None
     mask: Any = None
+    # Block-sparse attention (cuflash.block_sparse): a boolean block mask with its
+    # block_size, or a compact BlockSparse (which carries its own block size).
+    block_mask: Any = None
+    block_size: tuple[int, int] | None = None
     dropout_p: float = 0.0
     seed: int | None = None
     rng_state: Any = None
@@ -61,6 +67,16 @@ class Options:
     max_seqlen_k: int | None = None
     deterministic: bool = False
     layout: str = "bshd"
+
+    @property
+    def block_sparse_size(self) -> tuple[int, int] | None:
+        """The block size of a block-sparse call, None for a dense one."""
+        if self.block_mask is None:
+            return None
+        size = getattr(self.block_mask, "block_size", None)
+        if size is None or not hasattr(self.block_mask, "kv_index"):
+            size = self.block_size
+        return None if size is None else tuple(int(b) for b in size)
 
     @property
     def is_varlen(self) -> bool:
@@ -117,11 +133,30 @@ def option_errors(opts: Options) -> list[str]:
         value = getattr(opts, name)
         if value is not None and (not _is_int(value) or value < 0):
             errors.append(f"{name}={value!r} must be a non-negative int or None")
+    errors += _block_mask_errors(opts)
     if not isinstance(opts.causal, bool):
         errors.append(f"causal={opts.causal!r} must be a bool")
     if not isinstance(opts.deterministic, bool):
         errors.append(f"deterministic={opts.deterministic!r} must be a bool")
     return errors
+
+
+def _block_mask_errors(opts: Options) -> list[str]:
+    from .block_sparse import block_size_errors
+
+    if opts.block_mask is None:
+        if opts.block_size is not None:
+            return [f"block_size={opts.block_size!r} is given without a block_mask"]
+        return []
+    compact = hasattr(opts.block_mask, "kv_index")
+    if compact:
+        own = tuple(opts.block_mask.block_size)
+        if opts.block_size is not None and tuple(opts.block_size) != own:
+            return [f"block_size={tuple(opts.block_size)!r} differs from the compact block mask's block_size={own!r}"]
+        return block_size_errors(own)
+    if opts.block_size is None:
+        return ["block_size=None with a boolean block_mask: give block_size=(block_q, block_k)"]
+    return block_size_errors(opts.block_size)
 
 
 def make_options(**kwargs: Any) -> Options:
@@ -146,6 +181,12 @@ def make_options(**kwargs: Any) -> Options:
     if isinstance(po, tuple) and all(_is_int(x) for x in po):
         po = tuple(int(x) for x in po)
     kwargs["position_offsets"] = po
+    bs = kwargs.get("block_size")
+    if isinstance(bs, list):
+        bs = tuple(bs)
+    if isinstance(bs, tuple) and all(_is_int(x) for x in bs):
+        bs = tuple(int(x) for x in bs)
+    kwargs["block_size"] = bs
     for name in ("softcap", "dropout_p"):
         if name in kwargs and kwargs[name] is None:
             kwargs[name] = 0.0

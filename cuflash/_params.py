@@ -87,6 +87,7 @@ class Views:
     dsum: Any = None
     lse_log2: Any = None
     dbias_full: Any = None
+    block_sparse: Any = None  # a cuflash.block_sparse.BlockSparse of CuPy arrays
 
 
 def _ptr(a: Any) -> int:
@@ -214,6 +215,12 @@ def fill(views: Views, opts: Options, dims: Dims, *, dq_atomic: bool = False, wa
     if want_dbias:
         flags |= FLAGS["WANT_DBIAS"]
     p["flags"] = flags
+    bs = views.block_sparse
+    if bs is not None:
+        for name, a in bs.arrays().items():
+            p[f"bs_{name}"] = _ptr(a)
+        p["bs_batches"], p["bs_heads"], p["bs_q_blocks"], p["bs_k_blocks"] = bs.shape
+        p["bs_block_q"], p["bs_block_k"] = bs.block_size
 
     aligned = 0
     for name, bit in ALIGN_BITS.items():

@@ -69,6 +69,21 @@ class _Geometry:
     pos_k: Any = None
 
 
+def _block_mask_elements(opts: Options, seqlen_q: int, seqlen_k: int):
+    """(B|1, H|1, seqlen_q, seqlen_k) bool: each block of the block mask expanded."""
+    bq, bk = opts.block_sparse_size
+    blocks = opts.block_mask
+    if hasattr(blocks, "kv_index"):  # compact lists back to boolean blocks (traceable)
+        count, index = jnp.asarray(blocks.kv_count), jnp.asarray(blocks.kv_index)
+        n = index.shape[-1]
+        listed = (jnp.arange(n) < count[..., None])[..., None] & (index[..., None] == jnp.arange(n))
+        blocks = jnp.any(listed, axis=-2)
+    blocks = _pad4(jnp.asarray(blocks))
+    nq, nk = -(-seqlen_q // bq), -(-seqlen_k // bk)
+    blocks = jnp.broadcast_to(blocks, blocks.shape[:2] + (nq, nk))
+    return jnp.repeat(jnp.repeat(blocks, bq, axis=2), bk, axis=3)[:, :, :seqlen_q, :seqlen_k]
+
+
 def _heads_first(a, opts: Options, varlen: bool):
     if varlen:
         return jnp.transpose(a, (1, 0, 2))[None]  # (total, H, D) -> (1, H, total, D)
@@ -94,6 +109,13 @@ def _geometry(q, k, v, opts: Options, dtype: np.dtype) -> _Geometry:
     slopes = None if opts.alibi_slopes is None else jnp.asarray(opts.alibi_slopes).astype(dtype)
     bias = None if opts.bias is None else _pad4(jnp.asarray(opts.bias).astype(dtype))
     mask = None if opts.mask is None else _pad4(jnp.asarray(opts.mask))
+    if opts.block_mask is not None:
+        # The block mask is the dense element mask expanding each block, in each
+        # sequence's own coordinates: combined with `mask` before any varlen gather.
+        seqlen_q = int(opts.max_seqlen_q) if varlen else qh.shape[2]
+        seqlen_k = int(opts.max_seqlen_k) if varlen else kh.shape[2]
+        blocks = _block_mask_elements(opts, seqlen_q, seqlen_k)
+        mask = blocks if mask is None else mask & blocks
     if not varlen:
         batch, seqlen_q, seqlen_k = qh.shape[0], qh.shape[2], kh.shape[2]
         off = seqlen_k - seqlen_q if opts.causal_alignment == "bottom_right" else 0

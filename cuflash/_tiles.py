@@ -240,19 +240,39 @@ class UnsupportedConfig(ValueError):
     pass
 
 
+# Block-sparse attention: the block sizes (block_q, block_k) the kernels take. Every tile of
+# every kernel family (the rows above and the Hopper tables below, after `_sparse_tiles`)
+# divides 64, so a query tile lies in one query block and a key tile in one key block:
+# the kernels walk the listed blocks tile by tile and never mask inside a tile for the
+# block mask's sake.
+BLOCK_SIZES = (64, 128)
+
+
+def _divides(t: Tiles, block_size: tuple[int, int] | None) -> bool:
+    return block_size is None or (block_size[0] % t.block_m == 0 and block_size[1] % t.block_n == 0)
+
+
+def _sparse_defines(block_size: tuple[int, int] | None) -> tuple[tuple[str, int], ...]:
+    return (("CF_BLOCK_SPARSE", 1),) if block_size is not None else ()
+
+
 # (kernel, fp32, head-dim bucket) -> Tiles tried before the table (benchmarks/tune.py).
 OVERRIDES: dict[tuple[str, bool, int], Tiles] = {}
 
 
-def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, general: bool = False) -> Tiles:
+def tiles_for(kernel: str, dtype: np.dtype, head_dim: int, smem_limit: int, general: bool = False,
+              block_size: tuple[int, int] | None = None) -> Tiles:
+    """The first table row for the kernel that fits; with `block_size` (block-sparse), the
+    first whose tiles also divide the blocks."""
     bucket = head_dim_bucket(head_dim)
     fp32 = np.dtype(dtype) == np.float32
     elem = 4 if fp32 else 2
     forced = OVERRIDES.get((kernel, fp32, bucket))
-    if forced is not None and _fits(kernel, forced, bucket, elem, smem_limit):
+    if forced is not None and _fits(kernel, forced, bucket, elem, smem_limit) and _divides(forced, block_size):
         return forced
     for name, is_fp32, max_d, tiles, _reason in (_GENERAL_TABLE + _TABLE) if general else _TABLE:
-        if name == kernel and is_fp32 == fp32 and bucket <= max_d and _fits(kernel, tiles, bucket, elem, smem_limit):
+        if (name == kernel and is_fp32 == fp32 and bucket <= max_d and _fits(kernel, tiles, bucket, elem, smem_limit)
+                and _divides(tiles, block_size)):
             return tiles
     raise UnsupportedConfig(
         f"no {kernel} tiles for dtype={dtype} head_dim={head_dim} within {smem_limit} bytes of shared memory per block"
@@ -291,15 +311,49 @@ def _sm90_fwd_smem(t: Tiles, head_dim: int) -> int:
 _SM90_TABLES = {"fwd_sm90": (_SM90_FWD_TABLE, _sm90_fwd_smem), "bwd_sm90": (_SM90_BWD_TABLE, bwd_sm90_smem)}
 
 
-def _sm90_tiles(kernel: str, bucket: int, smem_limit: int) -> Tiles | None:
+def _sm90_tiles(kernel: str, bucket: int, smem_limit: int, block_size: tuple[int, int] | None = None) -> Tiles | None:
     table, smem = _SM90_TABLES[kernel]
     forced = OVERRIDES.get((kernel, False, bucket))
-    if forced is not None and smem(forced, bucket) <= smem_limit:
+    if forced is not None and smem(forced, bucket) <= smem_limit and _divides(forced, block_size):
         return forced
     for max_d, tiles, _reason in table:
         if bucket <= max_d and smem(tiles, bucket) <= smem_limit and _sm90_shapes_fit(kernel, tiles, bucket):
-            return tiles
+            for t in (tiles,) if block_size is None else _sparse_tiles(kernel, tiles):
+                if _divides(t, block_size) and smem(t, bucket) <= smem_limit and _sm90_valid(kernel, t, bucket):
+                    return t
+            return None
     return None
+
+
+def _sparse_tiles(kernel: str, t: Tiles) -> tuple[Tiles, ...]:
+    """Block-sparse candidates for a Hopper row, best first: the row itself, then the row
+    narrowed to 64 query rows (one warpgroup per 64 rows in the forward) and 64 keys, for
+    blocks of 64 that the row's 128-wide tiles would straddle."""
+    if kernel == "fwd_sm90":
+        narrow = dataclasses.replace(t, block_m=64, block_n=min(t.block_n, 64), warps=4)
+        return (t, dataclasses.replace(t, block_n=min(t.block_n, 64)), narrow)
+    # Backward: one warpgroup per 64 keys (split rows keep their two).
+    split = bwd_sm90_split(t)
+    return (t, dataclasses.replace(t, block_m=64, block_n=64, warps=4 * split))
+
+
+def _sm90_valid(kernel: str, t: Tiles, bucket: int) -> bool:
+    """The Hopper kernels' static_asserts, for derived (block-sparse) tiles."""
+    d = -(-bucket // 64) * 64
+    wg = t.warps // 4
+    if kernel == "fwd_sm90":
+        return t.block_m == 64 * wg and t.block_n in (32, 64, 128)
+    if t.block_n % 64 or t.block_m not in (64, 128) or wg * 64 % t.block_n:
+        return False
+    split = wg // (t.block_n // 64)
+    if split not in (1, 2) or split * t.block_n != 64 * wg:
+        return False
+    if split == 2 and not (t.block_m // split == 32 and d // split == 128):
+        return False
+    mq = t.block_m // 64
+    if wg % mq:
+        return False
+    return d // (wg // mq) in (64, 128) and _sm90_shapes_fit(kernel, t, bucket)
 
 
 def _sm90_shapes_fit(kernel: str, t: Tiles, bucket: int) -> bool:
@@ -322,15 +376,18 @@ def forward_variant(
     arch: str | None = None,
     tma: bool = False,
     family: str | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
     score modifiers get the warp-specialised kernel when `tma` (TMA can read q, k and v)
-    and the family (`family`, default FWD_FAMILY) allow it, else the warpgroup MMA kernel; arch=None plans the portable
-    one."""
+    and the family (`family`, default FWD_FAMILY) allow it, else the warpgroup MMA kernel;
+    arch=None plans the portable one. `block_size` (block-sparse) compiles the list-walking
+    kernel with tiles dividing it (the warp-specialised kernel walks no lists)."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
-    if _wgmma_applies(arch, general, elem) and tma and (family or _fwd_family()) == "ws":
+    sparse = _sparse_defines(block_size)
+    if _wgmma_applies(arch, general, elem) and tma and block_size is None and (family or _fwd_family()) == "ws":
         t = _ws_tiles(bucket, smem_limit)
         if t is not None:
             padded = -(-bucket // 64) * 64
@@ -344,7 +401,7 @@ def forward_variant(
             )
             return Variant(WS_FWD_FILE, defines, arch_suffix="a"), t, smem
     if _wgmma_applies(arch, general, elem):
-        t = _sm90_tiles("fwd_sm90", bucket, smem_limit)
+        t = _sm90_tiles("fwd_sm90", bucket, smem_limit, block_size)
         if t is not None:
             defines = (
                 ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
@@ -355,9 +412,10 @@ def forward_variant(
                 ("CF_FWD_WARPS", t.warps),
                 ("CF_FWD_MIN_BLOCKS", t.min_blocks),
                 ("CF_FWD_OVERLAP", int(t.overlap)),
+                *sparse,
             )
             return Variant("flash_fwd_sm90.cu", defines, arch_suffix="a"), t, fwd_smem(t, bucket, elem)
-    t = tiles_for("fwd", dtype, head_dim, smem_limit, general)
+    t = tiles_for("fwd", dtype, head_dim, smem_limit, general, block_size)
     defines = (
         ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
         ("CF_HEAD_DIM", bucket),
@@ -366,6 +424,7 @@ def forward_variant(
         ("CF_FWD_BLOCK_N", t.block_n),
         ("CF_FWD_WARPS", t.warps),
         ("CF_FWD_Q_REGS", int(t.q_regs)),
+        *sparse,
     )
     return Variant("flash_fwd.cu", defines), t, fwd_smem(t, bucket, elem)
 
@@ -384,15 +443,18 @@ class BackwardPlan:
 
 
 def backward_variant(
-    dtype: np.dtype, head_dim: int, general: bool, smem_limit: int, arch: str | None = None
+    dtype: np.dtype, head_dim: int, general: bool, smem_limit: int, arch: str | None = None,
+    block_size: tuple[int, int] | None = None,
 ) -> BackwardPlan:
     """The backward kernels for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
     bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
-    score modifiers get the warpgroup MMA dK/dV kernel; arch=None plans the portable one."""
+    score modifiers get the warpgroup MMA dK/dV kernel; arch=None plans the portable one.
+    `block_size` (block-sparse) compiles the list-walking kernels with tiles dividing it."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
-    t = tiles_for("bwd", dtype, head_dim, smem_limit, general)
-    tq = tiles_for("dq", dtype, head_dim, smem_limit, general)
+    sparse = _sparse_defines(block_size)
+    t = tiles_for("bwd", dtype, head_dim, smem_limit, general, block_size)
+    tq = tiles_for("dq", dtype, head_dim, smem_limit, general, block_size)
     defines = (
         ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
         ("CF_HEAD_DIM", bucket),
@@ -405,9 +467,10 @@ def backward_variant(
         ("CF_DQ_BLOCK_M", tq.block_m),
         ("CF_DQ_BLOCK_N", tq.block_n),
         ("CF_DQ_WARPS", tq.warps),
+        *sparse,
     )
     portable = Variant("flash_bwd.cu", defines)
-    tw = _sm90_tiles("bwd_sm90", bucket, smem_limit) if _wgmma_applies(arch, general, elem) else None
+    tw = _sm90_tiles("bwd_sm90", bucket, smem_limit, block_size) if _wgmma_applies(arch, general, elem) else None
     if tw is not None:
         hopper = (
             ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
@@ -416,6 +479,7 @@ def backward_variant(
             ("CF_BWD_BLOCK_N", tw.block_n),
             ("CF_BWD_WARPS", tw.warps),
             ("CF_BWD_MIN_BLOCKS", tw.min_blocks),
+            *sparse,
         )
         return BackwardPlan(portable, tw, bwd_sm90_smem(tw, bucket), tq, dq_smem(tq, bucket, elem), bucket,
                             Variant("flash_bwd_sm90.cu", hopper, arch_suffix="a"))
@@ -451,3 +515,26 @@ def shipped_variants(arch: str) -> list[Variant]:
     if bf16_supported(arch):  # the KV-cache family is built on cp.async: Ampere and newer
         out += decode_variants(arch)
     return out
+
+
+def block_sparse_variants(arch: str, dtypes=None, head_dims=HEAD_DIM_BUCKETS,
+                          block_sizes=None) -> list[Variant]:
+    """The block-sparse (CF_BLOCK_SPARSE) variants a user can reach on `arch`, deduplicated:
+    block sizes that lead to the same tiles share one variant."""
+    limit = SMEM_LIMIT[arch]
+    sizes = block_sizes or [(bq, bk) for bq in BLOCK_SIZES for bk in BLOCK_SIZES]
+    out: dict[Variant, None] = {}
+    for dtype in dtypes or ELEM_CODE:
+        for bucket in head_dims:
+            for general in (False, True):
+                for size in sizes:
+                    hopper = arch if arch in WGMMA_ARCHES else None
+                    out[forward_variant(dtype, bucket, general, limit, block_size=size)[0]] = None
+                    plan = backward_variant(dtype, bucket, general, limit, block_size=size)
+                    out[plan.variant] = None
+                    if hopper:
+                        out[forward_variant(dtype, bucket, general, limit, hopper, block_size=size)[0]] = None
+                        dkdv = backward_variant(dtype, bucket, general, limit, hopper, size).dkdv_variant
+                        if dkdv is not None:
+                            out[dkdv] = None
+    return list(out)

@@ -280,6 +280,7 @@ def _check_option_arrays(dims: Dims, opts: Options, option_arrays, reasons) -> N
             reasons.append(f"mask.dtype={dtype_name(mask.dtype)} must be bool (True = may attend)")
         if not _broadcasts(mask.shape, target):
             reasons.append(f"mask shape {mask.shape} does not broadcast to (batch, heads, seqlen_q, seqlen_k)={target}")
+    _check_block_mask(dims, opts, option_arrays, reasons)
     slopes = option_arrays.get("alibi_slopes")
     if slopes is not None:
         if slopes.dtype.kind != "f":
@@ -288,6 +289,60 @@ def _check_option_arrays(dims: Dims, opts: Options, option_arrays, reasons) -> N
             reasons.append(
                 f"alibi_slopes shape {slopes.shape} must be (num_heads,)=({dims.num_heads},) or (batch, num_heads)=({dims.batch}, {dims.num_heads})"
             )
+
+
+def _check_block_mask(dims: Dims, opts: Options, option_arrays, reasons) -> None:
+    """A boolean block mask broadcastable to (batch, heads, query blocks, key blocks), or
+    a compact BlockSparse whose int32 lists have exactly those block counts."""
+    from .block_sparse import block_size_errors
+
+    size = opts.block_sparse_size
+    if opts.block_mask is None or block_size_errors(size):
+        return  # option_errors has named the block size problem
+    q_blocks, k_blocks = -(-dims.seqlen_q // size[0]), -(-dims.seqlen_k // size[1])
+    target = (dims.batch, dims.num_heads, q_blocks, k_blocks)
+    dense = option_arrays.get("block_mask")
+    if dense is not None:
+        if dense.dtype != np.bool_:
+            reasons.append(f"block_mask.dtype={dtype_name(dense.dtype)} must be bool (True = compute the block)")
+        if not _broadcasts(dense.shape, target):
+            reasons.append(
+                f"block_mask shape {dense.shape} does not broadcast to (batch, heads, ceil(seqlen_q/{size[0]}), "
+                f"ceil(seqlen_k/{size[1]}))={target}"
+            )
+        return
+    parts = {name.split(".")[1]: ref for name, ref in option_arrays.items() if name.startswith("block_mask.")}
+    if len(parts) != 4:
+        return
+    before = len(reasons)
+    for name, ref in parts.items():
+        if ref.dtype != np.int32:
+            reasons.append(f"block_mask.{name}.dtype={dtype_name(ref.dtype)} must be int32")
+        flags = getattr(ref.view, "flags", None)  # absent on traced (metadata-only) views: row-major
+        if flags is not None and not flags.c_contiguous:
+            reasons.append(f"block_mask.{name} must be C-contiguous; got strides={ref.strides}")
+    index = parts["kv_index"].shape
+    if len(index) != 4:
+        reasons.append(f"block_mask.kv_index shape {index} must be 4-D (batch or 1, heads or 1, query blocks, key blocks)")
+        return
+    lead = index[:2]
+    if lead[0] not in (1, dims.batch) or lead[1] not in (1, dims.num_heads):
+        reasons.append(f"block_mask batch and head dimensions {lead} must each be 1 or ({dims.batch}, {dims.num_heads})")
+    if index[2:] != (q_blocks, k_blocks):
+        reasons.append(
+            f"block_mask has {index[2]} query blocks x {index[3]} key blocks; block_size={size} with seqlen_q="
+            f"{dims.seqlen_q}, seqlen_k={dims.seqlen_k} needs {q_blocks} x {k_blocks}"
+        )
+    expected = {"kv_count": lead + (index[2],), "q_count": lead + (index[3],), "q_index": lead + (index[3], index[2])}
+    for name, shape in expected.items():
+        if parts[name].shape != shape:
+            reasons.append(f"block_mask.{name} shape {parts[name].shape} must be {shape} (kv_index is {index})")
+    readable = all(hasattr(ref.view, "flags") for ref in parts.values())
+    if len(reasons) == before and readable and not getattr(opts.block_mask, "verified", True):
+        found = opts.block_mask.value_errors()
+        reasons += [f"block_mask: {r}" for r in found]
+        if not found:
+            object.__setattr__(opts.block_mask, "verified", True)  # checked once per object
 
 
 def _check_rng_state(option_arrays, reasons) -> None:
@@ -324,6 +379,8 @@ _SEQUENCE_KINDS = {
     "cu_seqlens_k": ("iu", np.dtype(np.int32), "ints"),
     "bias": ("iuf", np.dtype(np.float32), "numbers"),
     "alibi_slopes": ("iuf", np.dtype(np.float32), "numbers"),
+    "rng_state": ("iu", np.dtype(np.int64), "ints ([seed, offset])"),
+    "block_mask": ("b", np.dtype(np.bool_), "bools (True = the block is computed)"),
 }
 
 

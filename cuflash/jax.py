@@ -106,6 +106,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from . import _options, _reference_jnp, _validate
+from . import block_sparse as _block_sparse
 from ._interop import BFLOAT16, CPU, ArrayRef, Device, _StreamHandle
 from ._options import Options, make_options
 from ._validate import Dims, ValidationError
@@ -118,6 +119,17 @@ _ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k"
 _VIEW_NAMES = {"bias": "bias", "mask": "mask", "alibi_slopes": "alibi",
                "cu_seqlens_q": "cu_seqlens_q", "cu_seqlens_k": "cu_seqlens_k", "rng_state": "rng_state"}
 _KERNEL_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32))
+# A block mask travels as its compact lists (int32 operands under these names); the
+# block size is static (in the spec's options).
+_BLOCK_LISTS = ("kv_count", "kv_index", "q_count", "q_index")
+
+# Compact block masks cross jit boundaries as pytrees: the lists are the leaves, the block
+# size static.
+jax.tree_util.register_pytree_node(
+    _block_sparse.BlockSparse,
+    lambda bs: (tuple(bs.arrays().values()), (bs.block_size, bs.verified)),
+    lambda aux, leaves: _block_sparse.BlockSparse(aux[0], *leaves, verified=aux[1]),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +141,10 @@ class _Spec:
     varlen: bool
 
     def with_arrays(self, arrays: dict[str, Any]) -> Options:
+        arrays = dict(arrays)
+        lists = {name: arrays.pop(f"block_{name}") for name in _BLOCK_LISTS if f"block_{name}" in arrays}
+        if lists:
+            arrays["block_mask"] = _block_sparse.BlockSparse(self.options.block_size, verified=True, **lists)
         return self.options.replace(**arrays)
 
 
@@ -166,6 +182,9 @@ def _kernel_operands(arrays: dict[str, Any]) -> dict[str, Any]:
     """Option arrays in the dtypes the kernels read, keyed by their Views names."""
     out = {}
     for name, value in arrays.items():
+        if name.startswith("block_"):
+            out[name] = value
+            continue
         if name == "alibi_slopes" or (name == "bias" and np.dtype(value.dtype) not in _KERNEL_DTYPES):
             value = value.astype(jnp.float32)
         elif name.startswith("cu_seqlens"):
@@ -211,10 +230,14 @@ def _device_view(buf):
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
 
 
-def _views(buffers: dict[str, Any], operands: dict[str, Any]):
+def _views(buffers: dict[str, Any], operands: dict[str, Any], block_size=None):
     from ._params import Views
 
-    views = Views(**{name: _device_view(buf) for name, buf in {**buffers, **operands}.items()})
+    named = {name: _device_view(buf) for name, buf in {**buffers, **operands}.items()}
+    lists = {name: named.pop(f"block_{name}") for name in _BLOCK_LISTS if f"block_{name}" in named}
+    if lists:
+        named["block_sparse"] = _block_sparse.BlockSparse(block_size, verified=True, **lists)
+    views = Views(**named)
     if views.rng_state is not None:
         # uint32 [seed_lo, seed_hi, offset, 0] is, byte for byte, the two little-endian u64
         # [seed, offset] the kernels read: a view, never a copy. The kernels load u64 words,
@@ -235,7 +258,7 @@ def _launch_on_xla_stream(kind: str, spec: _Spec, ctx, buffers: dict[str, Any], 
     with cupy.cuda.Device(device_index):
         stream = _external_stream(ctx.stream, device_index)
         with stream:  # CuPy's own work (the zero-fill below) goes on XLA's stream as well
-            views = _views(buffers, operands)
+            views = _views(buffers, operands, spec.options.block_size)
             opts = spec.with_arrays({option: getattr(views, view) for option, view in _VIEW_NAMES.items()
                                      if getattr(views, view) is not None})
             num_seqs = views.cu_seqlens_q.shape[0] - 1 if spec.varlen else views.q.shape[0]
@@ -369,6 +392,8 @@ def _fold(spec: _Spec, axis_size: int, tensors: dict[str, Any], tensors_batched:
         batched = options_batched[name]
         if name in ("bias", "mask"):
             folded_options[name] = _fold_batch_indexed(x, batched, axis_size, num_seqs, 4, True)
+        elif name.startswith("block_"):  # (B|1, H|1, blocks[, blocks]) lists
+            folded_options[name] = _fold_batch_indexed(x, batched, axis_size, num_seqs, x.ndim - batched, True)
         elif name == "alibi_slopes":
             folded_options[name] = _fold_batch_indexed(x, batched, axis_size, num_seqs, 2, False)
         elif name == "rng_state":  # one key for the whole mapped batch (a mapped key never folds)
@@ -465,7 +490,7 @@ def _attention_bwd(spec: _Spec, residuals, cotangents):
     q, k, v, arrays, out, lse = residuals
     dout, _ = cotangents  # lse leaves the public functions through stop_gradient
     dq, dk, dv, dscores = _backward_op(spec)(dout, q, k, v, out, lse, arrays)
-    d_arrays = {name: None for name in arrays}  # mask, slopes, cu_seqlens: not differentiable
+    d_arrays = {name: None for name in arrays}  # mask, slopes, cu_seqlens, block lists: not differentiable
     if "bias" in arrays:
         bias = arrays["bias"]
         d_arrays["bias"] = _sum_to_shape(dscores, bias.shape).astype(bias.dtype)
@@ -562,12 +587,16 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
     # int64 pair): nothing of it is the caller's to validate.
     option_refs = {name: ArrayRef(name, a, "jax", _option_view(name, a, q, k, opts, reasons), device)
                    for name, a in arrays.items() if name != "rng_state"}
+    option_refs.update(_block_mask_refs(opts, device, reasons))
     try:
         dims = _validate.check(where, refs, opts, option_refs)
     except ValidationError as exc:
         raise ValidationError(where, reasons + exc.reasons, list(refs.values()) + list(option_refs.values())) from None
     if reasons:
         raise ValidationError(where, reasons, list(refs.values()) + list(option_refs.values()))
+    block_size = opts.block_sparse_size
+    if block_size is not None:
+        arrays.update(_block_operands(opts, dims, block_size))
     varlen = opts.is_varlen
     static = opts.replace(
         **{name: None for name in _ARRAY_OPTIONS}, rng_state=None,
@@ -575,6 +604,7 @@ def _prepare(where: str, q, k, v, options: dict[str, Any], grads: dict[str, Any]
         softcap=float(opts.softcap), dropout_p=float(opts.dropout_p),
         seed=None if opts.seed is None else int(opts.seed),
         max_seqlen_q=dims.seqlen_q if varlen else None, max_seqlen_k=dims.seqlen_k if varlen else None,
+        block_mask=None, block_size=block_size,
     )
     return _Spec(options=static, varlen=varlen), q, k, v, arrays
 
@@ -617,6 +647,36 @@ def _rng_words(key, reasons: list[str]):
     # The seed's two words and the offset; the fourth word is the offset's (unused) high half.
     bits = jax.random.bits(key, (3,), jnp.uint32)
     return jnp.concatenate([bits, jnp.zeros((1,), jnp.uint32)])
+
+
+def _block_operands(opts: Options, dims: Dims, block_size) -> dict[str, Any]:
+    """The block mask as its compact lists (jnp int32 operands): a boolean block mask is
+    compacted here, traceably (under jit, inside the computation)."""
+    mask = opts.block_mask
+    if not isinstance(mask, _block_sparse.BlockSparse):
+        shape = (_block_sparse.num_blocks(dims.seqlen_q, block_size[0]), _block_sparse.num_blocks(dims.seqlen_k, block_size[1]))
+        mask = _block_sparse.compact(jnp.asarray(mask), block_size, shape)
+    return {f"block_{name}": jnp.asarray(a) for name, a in mask.arrays().items()}
+
+
+def _block_mask_refs(opts: Options, device: Device, reasons: list[str]) -> dict[str, ArrayRef]:
+    """The block mask as the validator reads it: metadata only. Hand-built lists are
+    checked here while their values are concrete (under jit they must come from compact)."""
+    mask = opts.block_mask
+    if mask is None:
+        return {}
+    if not isinstance(mask, _block_sparse.BlockSparse):
+        return {"block_mask": ArrayRef("block_mask", mask, "jax", _Meta(mask.shape, mask.dtype), device)}
+    if not mask.verified:
+        if any(_concrete(a) is None for a in mask.arrays().values()):
+            reasons.append("block_mask: hand-built compact lists are traced here; build them with "
+                           "cuflash.block_sparse.compact or pass concrete arrays")
+        else:
+            reasons += [f"block_mask: {r}" for r in mask.value_errors()]
+            if not any(r.startswith("block_mask: ") for r in reasons):
+                object.__setattr__(mask, "verified", True)
+    return {f"block_mask.{name}": ArrayRef(f"block_mask.{name}", a, "jax", _Meta(a.shape, a.dtype), device)
+            for name, a in mask.arrays().items()}
 
 
 def _option_view(name: str, value, q, k, opts: Options, reasons: list[str]):
@@ -665,6 +725,8 @@ def forward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     dropout_key: Any = None,
@@ -701,6 +763,8 @@ def attention(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     dropout_key: Any = None,
@@ -737,6 +801,8 @@ def backward(
     alibi_slopes: Any = None,
     bias: Any = None,
     mask: Any = None,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
     dropout_key: Any = None,

@@ -16,7 +16,8 @@ full-size bias gradient). For batch b, query head h (kv head h // group), query 
     s       = softcap * tanh(x / softcap)                            (if softcap > 0)
             - slope[b, h] * |i + off - j|                            (ALiBi)
             + bias[b, h, i, j]                                       (bias broadcasts)
-    allowed = mask[b, h, i, j] and (not causal or j <= i + off)
+    allowed = mask[b, h, i, j] and block_mask[b, h, i // block_q, j // block_k]
+              and (not causal or j <= i + off)
               and (left == -1 or j >= i + off - left) and (right == -1 or j <= i + off + right)
     s       = -inf where not allowed
     lse     = log(sum_j exp(s))         (-inf for a row with no allowed key)
@@ -53,6 +54,8 @@ _DEFAULTS: dict[str, Any] = dict(
     alibi_slopes=None,
     bias=None,
     mask=None,
+    block_mask=None,
+    block_size=None,
     dropout_p=0.0,
     seed=None,
     rng_state=None,
@@ -70,7 +73,7 @@ _DEFAULTS: dict[str, Any] = dict(
 
 def forward(q, k, v, *, softmax_scale=None, causal=False, causal_alignment="bottom_right",
             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
-            dropout_p=0.0, seed=None, rng_state=None, position_offsets=(0, 0), dropout_mask=None, dropout_offset=0,
+            block_mask=None, block_size=None, dropout_p=0.0, seed=None, rng_state=None, position_offsets=(0, 0), dropout_mask=None, dropout_offset=0,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
             layout="bshd", deterministic=False) -> tuple[np.ndarray, np.ndarray]:
     """Attention output and log-sum-exp, both float64.
@@ -459,6 +462,8 @@ class _Problem:
             bias = _float64(opts["bias"])
             self.bias_shape = bias.shape
             self.bias = _broadcast("bias", bias, scores_shape, errors)
+        if opts["block_mask"] is not None:
+            self._attach_block_mask(scores_shape, errors)
         for name in ("mask", "dropout_mask"):
             if opts[name] is not None:
                 array = np.asarray(opts[name])
@@ -466,10 +471,42 @@ class _Problem:
                     errors.append(f"{name} has dtype {array.dtype}; it must be bool "
                                   "(True = attend / keep)")
                 else:
-                    setattr(self, name, _broadcast(name, array, scores_shape, errors))
+                    combined = _broadcast(name, array, scores_shape, errors)
+                    if name == "mask" and self.mask is not None and combined is not None:
+                        combined = combined & self.mask  # the block mask, expanded
+                    setattr(self, name, combined)
         if opts["dropout_p"] > 0 and opts["dropout_mask"] is None and opts["seed"] is None and opts["rng_state"] is None:
             errors.append(f"seed=None but dropout_p={opts['dropout_p']!r} > 0: dropout needs "
                           "a seed (or an explicit dropout_mask)")
+
+    def _attach_block_mask(self, scores_shape: tuple[int, ...], errors: list[str]) -> None:
+        """The block mask as the dense element mask it stands for: every block expanded to
+        block_q x block_k elements (in the sequence's own coordinates), cut to the
+        sequence lengths; AND-ed with `mask` by the caller."""
+        from . import block_sparse
+
+        opts = self.options
+        blocks = opts["block_mask"]
+        size = getattr(blocks, "block_size", None) if hasattr(blocks, "kv_index") else opts["block_size"]
+        found = block_sparse.block_size_errors(size)
+        if found:
+            errors += found
+            return
+        if hasattr(blocks, "kv_index"):
+            blocks = blocks.to_dense()
+        blocks = np.asarray(blocks)
+        if blocks.dtype != np.bool_:
+            errors.append(f"block_mask has dtype {blocks.dtype}; it must be bool (True = compute the block)")
+            return
+        want = scores_shape[:2] + (block_sparse.num_blocks(self.seqlen_q, size[0]),
+                                   block_sparse.num_blocks(self.seqlen_k, size[1]))
+        try:
+            blocks = np.broadcast_to(blocks, want)
+        except ValueError:
+            errors.append(f"block_mask has shape {blocks.shape}, which does not broadcast to "
+                          f"(batch, heads, query blocks, key blocks) = {want}")
+            return
+        self.mask = block_sparse.expand(blocks, size, self.seqlen_q, self.seqlen_k)
 
     def _attach_gradient_inputs(self, dout, out, lse, errors: list[str]) -> None:
         if dout is None and out is None and lse is None:

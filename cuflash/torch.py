@@ -41,6 +41,7 @@ from torch import Tensor
 
 import cuflash
 from cuflash._validate import check_options, lists_valid_keywords
+from cuflash import block_sparse
 
 __all__ = [
     "attention",
@@ -92,9 +93,17 @@ def _core_options(
     bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
     softmax_scale, causal, causal_alignment, window_left, window_right, softcap, dropout_p,
     max_seqlen_q, max_seqlen_k, deterministic, layout,
+    block_kv_count=None, block_kv_index=None, block_q_count=None, block_q_index=None, block_q=0, block_k=0,
 ) -> dict[str, Any]:
     """The operator's arguments as cuflash.forward/backward keyword options."""
+    block_mask = None
+    if block_kv_index is not None:  # block-sparse: the compact lists travel as four tensors
+        block_mask = block_sparse.BlockSparse(
+            (block_q, block_k), block_kv_count.detach(), block_kv_index.detach(), block_q_count.detach(),
+            block_q_index.detach(), verified=True,
+        )
     return dict(
+        block_mask=block_mask,
         bias=_exportable(bias),
         mask=_exportable(mask),
         alibi_slopes=_exportable(alibi_slopes),
@@ -139,15 +148,24 @@ def attention_fwd(
     max_seqlen_k: Optional[int] = None,
     deterministic: bool = False,
     layout: str = "bshd",
+    block_kv_count: Optional[Tensor] = None,
+    block_kv_index: Optional[Tensor] = None,
+    block_q_count: Optional[Tensor] = None,
+    block_q_index: Optional[Tensor] = None,
+    block_q: int = 0,
+    block_k: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """cuflash.forward as a PyTorch operator: returns (out, lse).
 
     Options are cuflash's (README.md), with window_size split into window_left and
-    window_right, and the dropout seed given as an int64 tensor (read on the host)."""
+    window_right, the dropout seed given as an int64 tensor (read on the host), and a
+    block mask as its compact lists (cuflash.block_sparse.BlockSparse's four int32
+    tensors) with block_q, block_k."""
     return _forward_impl(
         q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, softmax_scale, causal,
         causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q,
-        max_seqlen_k, deterministic, layout,
+        max_seqlen_k, deterministic, layout, block_kv_count, block_kv_index, block_q_count, block_q_index,
+        block_q, block_k,
     )
 
 
@@ -183,7 +201,8 @@ def _attention_fwd_fake(
     q, k, v, bias=None, mask=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
     seed=None, softmax_scale=None, causal=False, causal_alignment="bottom_right",
     window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, max_seqlen_q=None,
-    max_seqlen_k=None, deterministic=False, layout="bshd",
+    max_seqlen_k=None, deterministic=False, layout="bshd", block_kv_count=None, block_kv_index=None,
+    block_q_count=None, block_q_index=None, block_q=0, block_k=0,
 ):
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     # lse is float32, except for float64 inputs on the host (the reference keeps float64).
@@ -222,6 +241,12 @@ def attention_bwd(
     deterministic: bool = False,
     layout: str = "bshd",
     compute_dbias: bool = True,
+    block_kv_count: Optional[Tensor] = None,
+    block_kv_index: Optional[Tensor] = None,
+    block_q_count: Optional[Tensor] = None,
+    block_q_index: Optional[Tensor] = None,
+    block_q: int = 0,
+    block_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """cuflash.backward as a PyTorch operator: returns (dq, dk, dv, dbias). dbias has
     bias's shape and dtype, and is an empty (0,) tensor when no bias is given or
@@ -231,13 +256,16 @@ def attention_bwd(
         dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed,
         softmax_scale, causal, causal_alignment, window_left, window_right, softcap, dropout_p,
         max_seqlen_q, max_seqlen_k, deterministic, layout, compute_dbias=compute_dbias,
+        block_kv_count=block_kv_count, block_kv_index=block_kv_index, block_q_count=block_q_count,
+        block_q_index=block_q_index, block_q=block_q, block_k=block_k,
     )
 
 
 def _backward_impl(dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars,
-                   compute_dbias: bool):
-    """The backward operator's body (its arguments in its order)."""
-    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
+                   compute_dbias: bool, **block):
+    """The backward operator's body (its arguments in its order; `block`: the block-sparse
+    lists and block size, by name)."""
+    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars, **block)
     with_dbias = bias is not None and compute_dbias
     grads = cuflash.backward(
         _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
@@ -257,10 +285,16 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, compute_dbias
 # ---- autograd -----------------------------------------------------------------------------
 
 
+_NUM_SCALARS = 11  # the forward operator's non-tensor options, before the block-sparse inputs
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars = inputs
+    scalars, block = scalars[:_NUM_SCALARS], scalars[_NUM_SCALARS:]
+    block = tuple(block) + (None,) * 4 + (0, 0) if not block else tuple(block)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *block[:4])
+    ctx.block_size = block[4:6]
     ctx.scalars = scalars
     ctx.num_inputs = len(inputs)
     # The backward has no formula for a gradient flowing into lse: say so to autograd
@@ -271,11 +305,13 @@ def _setup_context(ctx, inputs, output):
 def _gradients(ctx, grad_out, backward_fn):
     """The gradients autograd wants from the saved context, computed by `backward_fn`
     (the backward operator, or its body on the eager path)."""
-    q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *lists = ctx.saved_tensors
     want_dbias = bias is not None and ctx.needs_input_grad[3]
+    block = dict(zip(("block_kv_count", "block_kv_index", "block_q_count", "block_q_index"), lists))
+    block.update(block_q=ctx.block_size[0], block_k=ctx.block_size[1])
     dq, dk, dv, dbias = backward_fn(
         _unit_last_stride(grad_out), q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        seed, *ctx.scalars, compute_dbias=want_dbias,
+        seed, *ctx.scalars, compute_dbias=want_dbias, **block,
     )
     # A gradient for q, k, v and (when it requires one) the bias; none for the mask,
     # slopes, cu_seqlens, seed and the non-tensor options.
@@ -381,6 +417,7 @@ def _call(
     cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, seed=None, softmax_scale=None,
     causal=False, causal_alignment="bottom_right", window_size=(-1, -1), softcap=0.0,
     max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd", renamed=None,
+    block_mask=None, block_size=None,
 ) -> tuple[Tensor, Tensor]:
     o = _checked_options(
         where, renamed, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, causal=causal,
@@ -388,6 +425,7 @@ def _call(
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic, layout=layout,
     )
     window_left, window_right = o.window_size
+    lists = _block_lists(block_mask, block_size, q, k, o.layout, cu_seqlens_q is not None, o.max_seqlen_q, o.max_seqlen_k)
     args = (
         q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         _seed_tensor(o.dropout_p, o.seed, q),
@@ -396,9 +434,9 @@ def _call(
         float(o.softcap), float(o.dropout_p),
         None if o.max_seqlen_q is None else int(o.max_seqlen_q),
         None if o.max_seqlen_k is None else int(o.max_seqlen_k),
-        o.deterministic, o.layout,
+        o.deterministic, o.layout, *lists,
     )
-    if _use_operators(*args[:8]):
+    if _use_operators(*args[:8], *lists[:4]):
         return torch.ops.cuflash.attention_fwd(*args)
     return _EagerAttention.apply(*args)
 
@@ -426,21 +464,51 @@ def attention(
     deterministic: bool = False,
     layout: str = "bshd",
     return_lse: bool = False,
+    block_mask: Any = None,
+    block_size: Sequence[int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """cuflash.attention for torch tensors, differentiable in q, k, v and a float bias.
 
     Takes every cuflash option (same names and meanings as cuflash.forward). With
     dropout_p > 0 and seed=None the dropout state is drawn from torch's generator (CUDA
     tensors: on the device, graph-safe; see the module doc). Returns out,
-    or (out, lse) with return_lse=True (lse carries no gradient)."""
+    or (out, lse) with return_lse=True (lse carries no gradient). block_mask: a bool tensor
+    of blocks with block_size, or a cuflash.block_sparse.BlockSparse of torch tensors
+    (compact once, reuse across calls and layers)."""
     out, lse = _call(
         "cuflash.torch.attention", q, k, v, bias=bias, mask=mask, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale,
         causal=causal, causal_alignment=causal_alignment, window_size=window_size,
         softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        deterministic=deterministic, layout=layout,
+        deterministic=deterministic, layout=layout, block_mask=block_mask, block_size=block_size,
     )
     return (out, lse) if return_lse else out
+
+
+def _block_lists(block_mask, block_size, q: Tensor, k: Tensor, layout: str, varlen: bool, max_seqlen_q, max_seqlen_k):
+    """The operators' block-sparse inputs: (kv_count, kv_index, q_count, q_index, block_q,
+    block_k), compacting a bool block mask on its device; () without a block mask."""
+    if block_mask is None:
+        if block_size is not None:
+            raise ValueError(f"cuflash.torch.attention: block_size={tuple(block_size)!r} is given without a block_mask")
+        return ()
+    if not isinstance(block_mask, block_sparse.BlockSparse):
+        if block_size is None:
+            raise ValueError("cuflash.torch.attention: block_size=None with a boolean block_mask: give "
+                             "block_size=(block_q, block_k)")
+        if varlen:
+            nq, nk = max_seqlen_q, max_seqlen_k
+        else:
+            nq, nk = (q.shape[2], k.shape[2]) if layout == "bhsd" else (q.shape[1], k.shape[1])
+        shape = None
+        if nq is not None and nk is not None:
+            shape = (block_sparse.num_blocks(nq, block_size[0]), block_sparse.num_blocks(nk, block_size[1]))
+        block_mask = block_sparse.compact(block_mask, tuple(block_size), shape)
+    elif block_size is not None and tuple(block_size) != tuple(block_mask.block_size):
+        raise ValueError(f"cuflash.torch.attention: block_size={tuple(block_size)!r} differs from the compact block "
+                         f"mask's block_size={tuple(block_mask.block_size)!r}")
+    bq, bk = block_mask.block_size
+    return (block_mask.kv_count, block_mask.kv_index, block_mask.q_count, block_mask.q_index, int(bq), int(bk))
 
 
 # ---- drop-in: torch.nn.functional.scaled_dot_product_attention ------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cuflash import _build, _params, _tiles
+from cuflash._interop import BFLOAT16
 
 nvrtc_available = True
 try:
@@ -217,6 +218,27 @@ def test_every_pre_ampere_variant_compiles_to_sass(arch):
         (Path(out) / f"compile-{arch}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     assert not failures, "\n".join(failures)
     assert all(entry["kernels"] for entry in report.values())
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", _tiles.ARCHES)
+def test_block_sparse_variants_compile(arch):
+    """The list-walking (CF_BLOCK_SPARSE) kernels of every family, for the smallest and the
+    largest block size, 16-bit and fp32, with and without modifiers, head dims 64, 128, 256."""
+    nonce = (("CF_BUILD_NONCE", int.from_bytes(os.urandom(3), "little")),)
+    variants = _tiles.block_sparse_variants(arch, dtypes=(BFLOAT16, np.dtype(np.float32)), head_dims=(64, 128, 256),
+                                            block_sizes=[(64, 64), (128, 128)])
+    assert all(("CF_BLOCK_SPARSE", 1) in v.defines for v in variants)
+    jobs = [(v.with_defines(nonce), arch) for v in variants]
+    failures = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 16), mp_context=context) as pool:
+        for tag, arch_, seconds, log in pool.map(_build.compile_job, jobs):
+            if seconds is None:
+                failures.append(f"{tag} {arch_}: {log[:2000]}")
+            else:
+                assert _resources(log), f"{tag}: no ptxas resource report"
+    assert not failures, "\n".join(failures)
 
 
 @needs_nvrtc

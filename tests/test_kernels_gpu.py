@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _fast, _interop, _launch, reference
+from cuflash import _fast, _interop, _launch, block_sparse, reference
 
 from _tolerance import BF16, check_all, compare, naive_attention
 
@@ -102,6 +102,14 @@ class Case:
     varlen: tuple | None = None  # per-sequence (len_q, len_k) pairs
     softmax_scale: float | None = None
     positions: tuple = (0, 0)  # position_offsets (q_start, k_start)
+    # Block-sparse: (block_q, block_k), or None for dense. A random block mask of this
+    # density with leading dimensions `block_lead` ("bh", "1h", "b1", "11"); query block 1
+    # and the last key block are left empty where there are several. `block_compact`
+    # passes the compact lists (built on the device) instead of the boolean blocks.
+    block_size: tuple | None = None
+    block_density: float = 0.5
+    block_lead: str = "bh"
+    block_compact: bool = False
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -153,6 +161,16 @@ def draw_inputs(case: Case, rng: np.random.Generator):
     if case.dropout_p > 0:
         opts["dropout_p"] = case.dropout_p
         opts["seed"] = int(rng.integers(0, 2**63))
+    if case.block_size is not None:
+        bq, bk = case.block_size
+        qb, kb = block_sparse.num_blocks(max(nq, 1), bq), block_sparse.num_blocks(max(nk, 1), bk)
+        lead = tuple({"b": batch, "h": case.heads, "1": 1}[c] for c in case.block_lead)
+        blocks = rng.random(lead + (qb, kb)) < case.block_density
+        if qb > 1:
+            blocks[..., 1, :] = False  # rows that see no key: output 0, LSE -inf
+        if kb > 1:
+            blocks[..., :, -1] = False  # keys no row sees: dK = dV = 0
+        opts.update(block_mask=blocks, block_size=case.block_size)
     if case.varlen:
         cq = np.concatenate([[0], np.cumsum([a for a, _ in case.varlen])]).astype(np.int32)
         ck = np.concatenate([[0], np.cumsum([b for _, b in case.varlen])]).astype(np.int32)
@@ -164,9 +182,27 @@ def _heads_first(a: np.ndarray, layout: str) -> np.ndarray:
     return a if layout == "bhsd" else a.transpose(0, 2, 1, 3)
 
 
+def _fold_block_mask(case: Case, opts: dict) -> dict:
+    """The options with the block mask replaced by the element mask it stands for (AND-ed
+    into `mask`), at the largest sequence lengths, for the naive baseline."""
+    opts = dict(opts)
+    blocks, size = opts.pop("block_mask"), opts.pop("block_size")
+    if case.varlen:
+        batch = len(case.varlen)
+        nq, nk = max(a for a, _ in case.varlen), max(b for _, b in case.varlen)
+    else:
+        batch, nq, nk = case.batch, case.seqlen_q, case.seqlen_k
+    full = (batch, case.heads, nq, nk)
+    dense = block_sparse.expand(np.broadcast_to(blocks, full[:2] + blocks.shape[2:]), size, nq, nk)
+    opts["mask"] = dense if "mask" not in opts else dense & np.broadcast_to(opts["mask"], full)
+    return opts
+
+
 def _naive_for(case: Case, q, k, v, dout, opts):
     """Naive same-dtype results in the reference's shapes (dense or per sequence)."""
     dt = case.np_dtype
+    if "block_mask" in opts:
+        opts = _fold_block_mask(case, opts)
 
     def seq_opts(b, nq, nk):
         """Options for the naive attention of sequence b (all batches when b is None)."""
@@ -234,6 +270,8 @@ def run_case(case: Case, seed: int = 0, backward: bool = True):
     rng = np.random.default_rng(seed)
     q, k, v, dout, opts = draw_inputs(case, rng)
     dev_opts = {name: (dev(val) if isinstance(val, np.ndarray) else val) for name, val in opts.items()}
+    if case.block_compact:
+        dev_opts["block_mask"] = block_sparse.compact(dev_opts["block_mask"], dev_opts.pop("block_size"))
     out, lse = cuflash.forward(dev(q), dev(k), dev(v), **dev_opts)
     ref_out, ref_lse = reference.forward(q, k, v, **opts)
     naive = _naive_for(case, q, k, v, dout, opts)
@@ -396,6 +434,99 @@ def test_broadcast_bias_gradient_under_cancellation_matches_float64():
     case = Case(batch=2, seqlen_q=128, seqlen_k=97, heads=1, heads_kv=1, head_dim=8, dtype="fp16", causal=True,
                 deterministic=True, window=(-1, 3), alibi="h", bias_shape=("b", "1", "1", "k"), varlen=((50, 2),))
     run_case(case, seed=case_seed(case))
+
+
+# ---- block-sparse ----------------------------------------------------------------------------
+
+BLOCK_SIZES = [(bq, bk) for bq in block_sparse.BLOCK_SIZES for bk in block_sparse.BLOCK_SIZES]
+
+
+@st.composite
+def block_sparse_cases(draw):
+    heads_kv = draw(st.sampled_from((1, 2)))
+    heads = heads_kv * draw(st.sampled_from((1, 2)))
+    general = draw(st.booleans())
+    varlen = None
+    if draw(st.booleans()):
+        # The first sequence is never empty (the block mask's shape follows the longest).
+        first = draw(st.tuples(st.integers(1, 400), st.integers(1, 400)))
+        varlen = (first,) + tuple(draw(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400)), max_size=2)))
+    return Case(
+        batch=draw(st.integers(1, 2)),
+        seqlen_q=draw(st.sampled_from((1, 63, 64, 65, 200, 257, 513))),
+        seqlen_k=draw(st.sampled_from((1, 64, 100, 129, 256, 300, 640))),
+        heads=heads,
+        heads_kv=heads_kv,
+        head_dim=draw(st.sampled_from((32, 64, 72, 128, 256))),
+        dtype=draw(st.sampled_from(("fp16", "bf16", "bf16", "fp32"))),
+        causal=draw(st.booleans()),
+        alignment=draw(st.sampled_from(("bottom_right", "top_left"))),
+        deterministic=draw(st.booleans()),
+        window=draw(st.sampled_from(((-1, -1), (-1, -1), (100, 0), (70, 40)))),
+        softcap=draw(st.sampled_from((0.0, 20.0))) if general else 0.0,
+        alibi=draw(st.sampled_from(("", "h"))) if general else "",
+        bias_shape=draw(st.sampled_from((None, ("b", "h", "q", "k"), ("1", "h", "q", "k")))) if general else None,
+        mask_shape=draw(st.sampled_from((None, ("b", "1", "1", "k")))) if general else None,
+        dropout_p=draw(st.sampled_from((0.0, 0.1))) if general else 0.0,
+        varlen=varlen,
+        positions=draw(st.sampled_from(((0, 0), (64, 30)))),
+        block_size=draw(st.sampled_from(BLOCK_SIZES)),
+        block_density=draw(st.sampled_from((0.0, 0.1, 0.5, 1.0))),
+        block_lead=draw(st.sampled_from(("bh", "1h", "b1", "11"))),
+        block_compact=draw(st.booleans()),
+    )
+
+
+def _pinned_block_sparse() -> list[Case]:
+    cases = []
+    # Each block size on the fast paths (bf16 without modifiers: the Hopper kernels on
+    # sm_90) and the portable ones (fp16, fp32), several query and key tiles per block.
+    for size in BLOCK_SIZES:
+        for d in (64, 128):
+            cases.append(Case(batch=1, seqlen_q=1000, seqlen_k=1100, heads=4, heads_kv=2, head_dim=d, dtype="bf16",
+                              block_size=size, block_density=0.4))
+        cases.append(Case(batch=2, seqlen_q=700, seqlen_k=700, heads=2, heads_kv=1, head_dim=64, dtype="bf16",
+                          causal=True, block_size=size, deterministic=True, block_compact=True))
+        cases.append(Case(batch=1, seqlen_q=300, seqlen_k=500, head_dim=96, dtype="fp16", block_size=size,
+                          alignment="top_left", causal=True))
+        cases.append(Case(batch=1, seqlen_q=300, seqlen_k=260, head_dim=128, dtype="fp32", block_size=size))
+    # Empty and full masks; a mask shared by every head against one per head under GQA.
+    cases.append(Case(seqlen_q=400, seqlen_k=400, dtype="bf16", block_size=(64, 64), block_density=0.0))
+    cases.append(Case(seqlen_q=400, seqlen_k=400, dtype="bf16", block_size=(128, 64), block_density=1.0))
+    cases.append(Case(seqlen_q=600, seqlen_k=600, heads=8, heads_kv=2, dtype="bf16", block_size=(64, 128),
+                      block_lead="1h", block_density=0.3))
+    cases.append(Case(seqlen_q=600, seqlen_k=600, heads=8, heads_kv=2, dtype="bf16", block_size=(64, 128),
+                      block_lead="11", block_density=0.3, causal=True))
+    # d=256: the split Hopper backward, and every modifier on the general kernels.
+    cases.append(Case(batch=1, seqlen_q=520, seqlen_k=520, heads=2, heads_kv=1, head_dim=256, dtype="bf16",
+                      block_size=(64, 64), causal=True))
+    cases.append(Case(seqlen_q=300, seqlen_k=330, dtype="bf16", block_size=(64, 64), bias_shape=("b", "h", "q", "k"),
+                      softcap=20.0, alibi="h", mask_shape=("b", "1", "1", "k"), dropout_p=0.1, window=(100, 10)))
+    cases.append(Case(varlen=((300, 200), (0, 50), (129, 257), (64, 1)), heads=4, heads_kv=2, dtype="bf16",
+                      block_size=(64, 64), causal=True, block_compact=True))
+    cases.append(Case(varlen=((250, 250), (70, 190)), dtype="fp16", block_size=(128, 64), dropout_p=0.2,
+                      bias_shape=("1", "h", "q", "k"), deterministic=True, positions=(64, 30)))
+    return cases
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@with_examples(_pinned_block_sparse())
+@given(case=block_sparse_cases())
+def test_block_sparse_forward_and_backward_match_float64(case):
+    """Every kernel family with a block mask against the float64 reference given the
+    same block mask (and the naive baseline given the equivalent dense element mask)."""
+    run_case(case, seed=case_seed(case))
+
+
+def test_block_sparse_probabilities_match_float64():
+    import cupy
+
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 200, 2, 32)).astype(np.float16) for _ in range(3))
+    blocks = rng.random((1, 2, 4, 4)) < 0.5
+    got = cuflash.probabilities(dev(q), dev(k), dev(v), block_mask=cupy.asarray(blocks), block_size=(64, 64), causal=True)
+    want = reference.probabilities(q, k, v, block_mask=blocks, block_size=(64, 64), causal=True)
+    np.testing.assert_allclose(host(got), want, atol=2e-3)
 
 
 # ---- repeat calls (the plan cache) -------------------------------------------------------
