@@ -185,13 +185,24 @@ def kernel_families(arch: str, smem_limit: int) -> dict[str, list[KernelFile]]:
         key = (variant.kernel_file, target)
         entry = files.setdefault(key, KernelFile(variant.kernel_file, target))
         family_of[key] = ("wgmma + TMA, warp-specialised" if variant.kernel_file == _tiles.WS_FWD_FILE
-                          else "wgmma" if tiles.wgmma else "mma.sync")
+                          else "KV cache (split-KV)" if variant.kernel_file == "flash_decode.cu"
+                          else "wgmma" if tiles.wgmma
+                          else "mma.sync" if _tiles.bf16_supported(arch) else "pre-Ampere")
         entry.roles.add(role)
         entry.dtypes.add(np.dtype(dtype).name)
         entry.buckets.add(bucket)
         entry.modifiers.add(general)
 
+    if _tiles.bf16_supported(arch):
+        from . import _decode_tiles
+
+        for dtype in _decode_tiles.DTYPES:
+            for bucket in _tiles.HEAD_DIM_BUCKETS:
+                variant, tiles, _ = _decode_tiles.decode_variant(dtype, bucket, smem_limit)
+                serve(variant, tiles, "attention over a KV cache", dtype, bucket, False)
     for dtype in _tiles.ELEM_CODE:
+        if not _tiles.bf16_supported(arch) and dtype == _tiles.BFLOAT16:
+            continue  # no bf16 tensor cores before Ampere
         for bucket in _tiles.HEAD_DIM_BUCKETS:
             for general in (False, True):
                 variant, tiles, _ = _tiles.forward_variant(dtype, bucket, general, smem_limit, arch)
@@ -217,6 +228,7 @@ def kernel_families(arch: str, smem_limit: int) -> dict[str, list[KernelFile]]:
 _FAMILY_TITLES = {
     "mma.sync": "mma.sync tensor-core kernels (portable: compute capability 8.0 and newer)",
     "wgmma": "warpgroup MMA (wgmma) kernels (Hopper: this architecture only)",
+    "pre-Ampere": "the portable kernels over pre-Ampere primitives (Turing: m16n8k8; Volta: FMA units)",
 }
 
 

@@ -96,7 +96,8 @@ def all_variants() -> list[Variant]:
     """Every KV-cache variant some GPU of SMEM_LIMIT reaches, the small-shared-memory
     rows included (the compile check builds these beyond the shipped arches' own)."""
     out = []
-    for limit in sorted(set(SMEM_LIMIT.values())):
+    # Ampere and newer only: the family is built on cp.async (pre-Ampere parts have no KV-cache kernels).
+    for limit in sorted({limit for arch, limit in SMEM_LIMIT.items() if int(arch.split("_")[1]) >= 80}):
         for dtype in DTYPES:
             for bucket in HEAD_DIM_BUCKETS:
                 v = decode_variant(dtype, bucket, limit)[0]

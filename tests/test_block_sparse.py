@@ -325,7 +325,7 @@ def test_every_kernel_tile_lies_in_one_block(arch):
         for d in _tiles.HEAD_DIM_BUCKETS:
             for general in (False, True):
                 for size in SIZES:
-                    variant, t, _ = _tiles.forward_variant(dtype, d, general, limit, arch, size)
+                    variant, t, _ = _tiles.forward_variant(dtype, d, general, limit, arch, block_size=size)
                     assert size[0] % t.block_m == 0 and size[1] % t.block_n == 0, (variant.tag, size)
                     assert ("CF_BLOCK_SPARSE", 1) in variant.defines
                     plan = _tiles.backward_variant(dtype, d, general, limit, arch, size)

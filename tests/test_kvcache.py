@@ -432,6 +432,8 @@ def test_decode_record_matches_the_c_struct(tmp_path):
 
 def test_decode_tiles_fit_and_cover_every_head_dim():
     for arch, limit in _tiles.SMEM_LIMIT.items():
+        if not _tiles.bf16_supported(arch):
+            continue  # the KV-cache family is built on cp.async: Ampere and newer
         for dtype in _decode_tiles.DTYPES:
             for bucket in _tiles.HEAD_DIM_BUCKETS:
                 variant, tiles, smem = _decode_tiles.decode_variant(dtype, bucket, limit)
