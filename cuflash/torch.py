@@ -156,12 +156,43 @@ def _seed_options(seed: Optional[Tensor]) -> dict[str, Any]:
     return {"seed": int(seed.item()) % 2**64}
 
 
+def _memory_layout(q: Tensor, layout: str, varlen: bool) -> str:
+    """The layout q's memory is in, which the operators run in and give their outputs and
+    gradients: "bshd" when the sequence stride exceeds the head stride, "bhsd" when the
+    head stride does, `layout` itself when they tie (a single head or position) or for a
+    packed (varlen) batch.
+
+    The common case is a model's q, k, v: head-transposed views of one (B, T, H, D)
+    projection, passed as layout "bhsd". Run as "bshd" on the transposes, out comes back as
+    (B, T, H, D) memory viewed (B, H, T, D), exactly as SDPA returns it, so the model's
+    `out.transpose(1, 2).reshape(B, T, C)` is free; dq, dk, dv likewise, so the gradient
+    of the projection needs no layout copy. The fakes apply the same rule to the same
+    strides, so torch.compile plans for exactly the strides the kernels return."""
+    if varlen or q.dim() != 4:
+        return layout
+    seq_dim, head_dim = (2, 1) if layout == "bhsd" else (1, 2)
+    if q.size(seq_dim) <= 1 or q.size(head_dim) <= 1 or q.stride(seq_dim) == q.stride(head_dim):
+        return layout
+    return "bshd" if q.stride(seq_dim) > q.stride(head_dim) else "bhsd"
+
+
+def _swap(t: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, S, H, D) <-> (B, H, S, D), a view."""
+    return None if t is None else t.transpose(1, 2)
+
+
 def _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
     """The forward operator's body (its arguments in its order)."""
-    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
+    layout = scalars[-1]
+    run = _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None)
+    if run != layout:
+        q, k, v = _swap(q), _swap(k), _swap(v)
+    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars[:-1], run)
     out, lse = cuflash.forward(_exportable(q), _exportable(k), _exportable(v), **opts)
-    # The host reference may hand back transposed views; the fake promises contiguous.
-    return out.contiguous(), lse.contiguous()
+    # Contiguous in the layout run (the host reference may hand back transposed views),
+    # then viewed in the caller's: the strides the fake promises.
+    out = out.contiguous()
+    return (_swap(out) if run != layout else out), lse.contiguous()
 
 
 def _lse_shape(q: Tensor, varlen: bool, layout: str) -> tuple:
@@ -182,9 +213,10 @@ def _attention_fwd_fake(
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     # lse is float32, except for float64 inputs on the host (the reference keeps float64).
     lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type != "cuda" else torch.float32
-    out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, varlen, layout), dtype=lse_dtype)
-    return out, lse
+    if _memory_layout(q, layout, varlen) != layout:
+        return _swap(q.new_empty(_swap(q).shape)), lse
+    return q.new_empty(q.shape), lse
 
 
 # ---- the backward operator ----------------------------------------------------------------
@@ -230,21 +262,35 @@ def attention_bwd(
 
 def _backward_impl(dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars,
                    compute_dbias: bool):
-    """The backward operator's body (its arguments in its order)."""
-    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
+    """The backward operator's body (its arguments in its order). The gradients come in the
+    layout the forward ran in (`_memory_layout` of q), viewed in the caller's."""
+    layout = scalars[-1]
+    run = _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None)
+    if run != layout:
+        dout, q, k, v, out = _swap(dout), _swap(q), _swap(k), _swap(v), _swap(out)
+    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars[:-1], run)
     with_dbias = bias is not None and compute_dbias
     grads = cuflash.backward(
         _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
         _exportable(lse), compute_dbias=with_dbias, **opts,
     )
     dq, dk, dv = (g.contiguous() for g in grads[:3])
+    if run != layout:
+        dq, dk, dv = _swap(dq), _swap(dk), _swap(dv)
     dbias = grads[3].contiguous() if with_dbias else q.new_empty((0,))
     return dq, dk, dv, dbias
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, compute_dbias=True, **kwargs):
+def _attention_bwd_fake(
+    dout, q, k, v, out, lse, bias=None, mask=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    seed=None, softmax_scale=None, causal=False, causal_alignment="bottom_right", window_left=-1, window_right=-1,
+    softcap=0.0, dropout_p=0.0, max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd",
+    compute_dbias=True,
+):
     dbias = bias.new_empty(bias.shape) if bias is not None and compute_dbias else q.new_empty((0,))
+    if _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None) != layout:
+        return (*(_swap(t.new_empty(_swap(t).shape)) for t in (q, k, v)), dbias)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
