@@ -150,3 +150,47 @@ def test_gpu_inductor_block_has_no_copy_kernel_that_sdpa_has_not():
     assert ours <= theirs, f"copy kernels only cuflash's graph has: {sorted(ours - theirs)}"
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dx, dx_ref, rtol=5e-2, atol=5e-2)
+
+
+def test_planned_calls_use_the_signature_the_full_path_stores(monkeypatch):
+    """cuflash.torch's repeat calls look plans up through cuflash._api.planned: its key
+    must be the one the full path (cuflash.forward / backward) stores the plan under for
+    the same call, or every call would take the full path."""
+    from cuflash import _api, _fast
+
+    keys = []
+    monkeypatch.setattr(_fast, "signature", lambda kind, arrays, scalars, seed: keys.append((kind, scalars)) or None)
+    _, (q, k, v) = fused_views(requires_grad=False)
+    out, lse = torch.ops.cuflash.attention_fwd(q, k, v, softmax_scale=0.5, causal=True, causal_alignment="top_left",
+                                               window_left=3, window_right=0, softcap=2.0, layout="bhsd")
+    torch.ops.cuflash.attention_bwd(torch.ones_like(out), q, k, v, out, lse, softmax_scale=0.5, causal=True,
+                                    causal_alignment="top_left", window_left=3, window_right=0, softcap=2.0,
+                                    layout="bhsd", compute_dbias=False)
+    # Each call: planned's lookup first, then the full path's key for the plan it makes.
+    assert [kind for kind, _ in keys] == ["forward", "forward", "backward", "backward"]
+    assert keys[0] == keys[1] and keys[2] == keys[3]
+    assert tuple(map(type, keys[0][1])) == tuple(map(type, keys[1][1]))
+
+
+@pytest.mark.gpu
+def test_gpu_repeat_calls_of_fused_views_take_the_plan_and_give_the_same_bits(full_path_calls):
+    """A training loop's calls: the first forward and backward of a signature take the
+    full path, the rest the plan cache, with the same bits, outputs and gradients laid out
+    like the inputs."""
+    from cuflash import _fast
+
+    _fast.clear()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    results = []
+    for step in range(3):
+        qkv = torch.randn(2, 96, 3 * 4 * 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        if step == 2:
+            qkv = results[0][0]  # the first step's inputs again
+        q, k, v = (t.view(2, 96, 4, 64).transpose(1, 2).requires_grad_() for t in qkv.detach().split(256, dim=2))
+        out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert seq_major(out) and all(seq_major(t) for t in (dq, dk, dv))
+        results.append((qkv, out, dq, dk, dv))
+    assert full_path_calls == ["cuflash.forward", "cuflash.backward"]
+    for a, b in zip(results[0][1:], results[2][1:]):
+        assert torch.equal(a, b)
