@@ -113,9 +113,10 @@ def main(argv=None) -> int:
         print(f"{name:28s} {results['us_per_call'][name]:8.1f} us", flush=True)
 
     for system, attention in (("cuflash", ct.scaled_dot_product_attention), ("sdpa", F.scaled_dot_product_attention)):
-        record(f"{system} eager fwd", lambda: attention(q, k, v, is_causal=True))
+        record(f"{system} eager fwd", lambda attention=attention: attention(q, k, v, is_causal=True))
         record(f"{system} eager fwd+bwd",
-               lambda: torch.autograd.grad(attention(q, k, v, is_causal=True), (q, k, v), dout), args.calls // 2)
+               lambda attention=attention: torch.autograd.grad(attention(q, k, v, is_causal=True), (q, k, v), dout),
+               args.calls // 2)
     op_args = (qd, kd, vd, None, None, None, None, None, None, None, True, "top_left", -1, -1, 0.0, 0.0, None, None,
                False, "bhsd")
     out, lse = torch.ops.cuflash.attention_fwd.default(*op_args)
@@ -127,10 +128,11 @@ def main(argv=None) -> int:
         for system, attention in (("cuflash", ct.scaled_dot_product_attention),
                                   ("sdpa", F.scaled_dot_product_attention)):
             torch._dynamo.reset()
-            compiled = torch.compile(lambda a, b, c: attention(a, b, c, is_causal=True), backend=backend)
-            record(f"{system} compiled fwd", lambda: compiled(q, k, v))
+            compiled = torch.compile(lambda a, b, c, attention=attention: attention(a, b, c, is_causal=True),
+                                     backend=backend)
+            record(f"{system} compiled fwd", lambda compiled=compiled: compiled(q, k, v))
             record(f"{system} compiled fwd+bwd",
-                   lambda: torch.autograd.grad(compiled(q, k, v), (q, k, v), dout), args.calls // 2)
+                   lambda compiled=compiled: torch.autograd.grad(compiled(q, k, v), (q, k, v), dout), args.calls // 2)
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
     return 0

@@ -156,7 +156,7 @@ def test_planned_calls_use_the_signature_the_full_path_stores(monkeypatch):
     """cuflash.torch's repeat calls look plans up through cuflash._api.planned: its key
     must be the one the full path (cuflash.forward / backward) stores the plan under for
     the same call, or every call would take the full path."""
-    from cuflash import _api, _fast
+    from cuflash import _fast
 
     keys = []
     monkeypatch.setattr(_fast, "signature", lambda kind, arrays, scalars, seed: keys.append((kind, scalars)) or None)

@@ -26,8 +26,6 @@ the loss counts real tokens only, so gradients are comparable everywhere.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 torch = pytest.importorskip("torch")
