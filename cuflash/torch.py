@@ -357,6 +357,30 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _register_device_kernels() -> Any:
+    """The operators' bodies registered straight at the CPU and CUDA dispatch keys, which
+    the dispatcher prefers to custom_op's own (CompositeExplicitAutograd) registration.
+    custom_op's wraps each call in an output-aliasing check and a guard that keeps Dynamo
+    from tracing into the body, 10-25 us of Python per call, paid by every call torch.compile's
+    generated code makes; neither applies here (the outputs are always new tensors, and
+    Dynamo traces the operators through their fakes, never their bodies). The same bodies
+    run, so results are the same. Returns the registering Library (it must stay alive), or
+    None where custom_op keeps the original function elsewhere (the operators then keep
+    custom_op's registration)."""
+    bodies = {name: getattr(op, "_init_fn", None) for name, op in (("attention_fwd", attention_fwd),
+                                                                    ("attention_bwd", attention_bwd))}
+    if any(body is None for body in bodies.values()):
+        return None
+    library = torch.library.Library("cuflash", "IMPL")
+    for name, body in bodies.items():
+        for key in ("CPU", "CUDA"):
+            library.impl(name, body, key)
+    return library
+
+
+_DEVICE_KERNELS = _register_device_kernels()
+
+
 class _EagerAttention(torch.autograd.Function):
     """The operators' forward and backward bodies as an autograd Function, for eager calls
     on plain tensors. The result is the same; the cost is not: an autograd-registered
