@@ -319,16 +319,41 @@ def _fast_key(kind: str, arrays: tuple, options: dict[str, Any]) -> tuple | None
     if any(options[name] is not None for name in _ARRAY_OPTIONS):
         return None
     window = options["window_size"]
-    scalars = (
+    offsets = options["position_offsets"]
+    scalars = _scalars_key(
         options["softmax_scale"], options["causal"], options["causal_alignment"],
         # The window's element types too: (-1.0, -1) equals (-1, -1) but is rejected.
         (tuple(window), tuple(map(type, window))) if type(window) in (list, tuple) else window,
         options["softcap"], options["dropout_p"],
         options["seed"] is None, options["max_seqlen_q"], options["max_seqlen_k"], options["deterministic"],
-        options["layout"],
-        tuple(options["position_offsets"]) if type(options["position_offsets"]) in (list, tuple) else options["position_offsets"],
+        options["layout"], tuple(offsets) if type(offsets) in (list, tuple) else offsets,
     )
     return _fast.signature(kind, arrays, scalars, options["seed"])
+
+
+def _scalars_key(softmax_scale, causal, causal_alignment, window_size, softcap, dropout_p, no_seed, max_seqlen_q,
+                 max_seqlen_k, deterministic, layout, position_offsets) -> tuple:
+    """The scalar options' part of a plan-cache signature (`_fast_key`, `planned`)."""
+    return (softmax_scale, causal, causal_alignment, window_size, softcap, dropout_p, no_seed, max_seqlen_q,
+            max_seqlen_k, deterministic, layout, position_offsets)
+
+
+def planned(kind: str, arrays: tuple, softmax_scale: float | None, causal: bool, causal_alignment: str,
+            window_size: tuple[int, int], softcap: float, max_seqlen_q: int | None, max_seqlen_k: int | None,
+            deterministic: bool, layout: str) -> tuple | None:
+    """A repeat call through the plan cache alone, for adapters that call with the same
+    options every step: kind "forward" (arrays q, k, v; returns (out, lse)) or "backward"
+    (arrays dout, q, k, v, out, lse; returns (dq, dk, dv)), without array options,
+    dropout or position offsets. Returns None, having done nothing, when the call's
+    signature has no plan: the caller then takes `forward`/`backward`, whose first
+    successful call makes one (so every error is still raised there). The options must be
+    given with the types `forward`/`backward` would get them (the signature holds the
+    types): window_size a tuple of two ints."""
+    window = (tuple(window_size), tuple(map(type, window_size)))  # as _fast_key spells it
+    scalars = _scalars_key(softmax_scale, causal, causal_alignment, window, softcap, 0.0, True, max_seqlen_q,
+                           max_seqlen_k, deterministic, layout, (0, 0))
+    key = _fast.signature(kind, arrays, scalars, None)
+    return None if key is None else _fast.run(key, arrays, None)
 
 
 def _forward(call: _Call, fast_key: tuple | None = None) -> tuple[Any, Any]:

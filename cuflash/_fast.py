@@ -52,8 +52,12 @@ def _torch_library() -> _Library:
 
     from ._interop import _StreamHandle, _torch_dtype
 
+    # The current stream's raw handle without building a torch.cuda.Stream object (what
+    # inductor's generated code reads); the public spelling where a build lacks it.
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
     def stream(index: int) -> Any:
-        ptr = torch.cuda.current_stream(index).cuda_stream
+        ptr = raw_stream(index) if raw_stream is not None else torch.cuda.current_stream(index).cuda_stream
         found = _streams.get((index, ptr))
         if found is None:
             found = cupy.cuda.Stream.from_external(_StreamHandle(ptr))
@@ -132,12 +136,9 @@ def signature(kind: str, arrays: tuple, options: tuple, seed: Any) -> tuple | No
         if not meta[-1]:  # host arrays take the reference path
             return None
         metas.append(meta)
-    key = (kind, library.name, tuple(metas), options, tuple(map(type, options)), _tuning())
-    try:
-        hash(key)
-    except TypeError:  # an unhashable option value: the full path will judge it
-        return None
-    return key
+    # Not hashed here: `run` and `remember` hash it once each, and treat an unhashable
+    # option value (which the full path then judges) as a call without a plan.
+    return (kind, library.name, tuple(metas), options, tuple(map(type, options)), _tuning())
 
 
 def _tuning() -> tuple | None:
@@ -164,6 +165,10 @@ def remember(key: tuple, plan: Any, views: Any, opts: Any, dims: Any, device_ind
              outputs: tuple[tuple[str, tuple[int, ...], np.dtype], ...], returned: int) -> None:
     """Keep what the full path launched for calls with signature `key`. `inputs` and
     `outputs` name the Views fields the call supplies and allocates, in order."""
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option value: such calls always take the full path
+        return
     from ._params import Repointer
 
     library = _by_name[key[1]]
@@ -184,7 +189,10 @@ def remember(key: tuple, plan: Any, views: Any, opts: Any, dims: Any, device_ind
 
 def run(key: tuple, arrays: tuple, seed: int | None) -> tuple | None:
     """Run a call whose signature has a plan; None when it has none yet."""
-    entry = _plans.get(key)
+    try:
+        entry = _plans.get(key)
+    except TypeError:  # an unhashable option value
+        return None
     if entry is None:
         return None
     import cupy

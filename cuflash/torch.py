@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 import cuflash
+from cuflash import _api, block_sparse
 from cuflash._validate import check_options, lists_valid_keywords
-from cuflash import block_sparse
 
 __all__ = [
     "attention",
@@ -180,12 +180,68 @@ def _seed_options(seed: Optional[Tensor]) -> dict[str, Any]:
     return {"seed": int(seed.item()) % 2**64}
 
 
-def _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars):
+def _memory_layout(q: Tensor, layout: str, varlen: bool) -> str:
+    """The layout q's memory is in, which the operators run in and give their outputs and
+    gradients: "bshd" when the sequence stride exceeds the head stride, "bhsd" when the
+    head stride does, `layout` itself when they tie (a single head or position) or for a
+    packed (varlen) batch.
+
+    The common case is a model's q, k, v: head-transposed views of one (B, T, H, D)
+    projection, passed as layout "bhsd". Run as "bshd" on the transposes, out comes back as
+    (B, T, H, D) memory viewed (B, H, T, D), exactly as SDPA returns it, so the model's
+    `out.transpose(1, 2).reshape(B, T, C)` is free; dq, dk, dv likewise, so the gradient
+    of the projection needs no layout copy. The fakes apply the same rule to the same
+    strides, so torch.compile plans for exactly the strides the kernels return."""
+    if varlen or q.dim() != 4 or (q.size(-1) > 1 and q.stride(-1) != 1):
+        return layout  # (a non-unit last stride is rejected by the core, naming the caller's own strides)
+    seq_dim, head_dim = (2, 1) if layout == "bhsd" else (1, 2)
+    if q.size(seq_dim) <= 1 or q.size(head_dim) <= 1 or q.stride(seq_dim) == q.stride(head_dim):
+        return layout
+    return "bshd" if q.stride(seq_dim) > q.stride(head_dim) else "bhsd"
+
+
+def _planned(kind: str, arrays: tuple, scalars: tuple, layout: str) -> Optional[tuple]:
+    """A repeat call through the core's plan cache (cuflash._api.planned), skipping the
+    keyword-option round trip: None when the call has no plan yet, or has options the
+    cache does not take (dropout, varlen), and so must take the full path."""
+    softmax_scale, causal, causal_alignment, window_left, window_right, softcap, dropout_p, max_seqlen_q, \
+        max_seqlen_k, deterministic, _ = scalars
+    if dropout_p or max_seqlen_q is not None or max_seqlen_k is not None:
+        return None
+    return _api.planned(kind, arrays, softmax_scale, causal, causal_alignment, (window_left, window_right), softcap,
+                        None, None, deterministic, layout)
+
+
+def _swap(t: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, S, H, D) <-> (B, H, S, D), a view."""
+    return None if t is None else t.transpose(1, 2)
+
+
+# The operators' non-tensor options before the block-sparse arguments (softmax_scale ...
+# layout); the block lists and block size follow them (attention_fwd's schema).
+_NUM_SCALARS = 11
+
+
+def _forward_impl(q, k, v, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *arguments):
     """The forward operator's body (its arguments in its order)."""
-    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars)
-    out, lse = cuflash.forward(_exportable(q), _exportable(k), _exportable(v), **opts)
-    # The host reference may hand back transposed views; the fake promises contiguous.
-    return out.contiguous(), lse.contiguous()
+    scalars, block = arguments[:_NUM_SCALARS], arguments[_NUM_SCALARS:]
+    layout = scalars[-1]
+    run = _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None)
+    if run != layout:
+        q, k, v = _swap(q), _swap(k), _swap(v)
+    done = None
+    if (bias is None and mask is None and alibi_slopes is None and cu_seqlens_q is None and cu_seqlens_k is None
+            and seed is None and (not block or block[1] is None)):
+        done = _planned("forward", (q, k, v), scalars, run)
+    if done is not None:
+        out, lse = done
+    else:
+        opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars[:-1], run, *block)
+        out, lse = cuflash.forward(_exportable(q), _exportable(k), _exportable(v), **opts)
+    # Contiguous in the layout run (the host reference may hand back transposed views),
+    # then viewed in the caller's: the strides the fake promises.
+    out = out.contiguous()
+    return (_swap(out) if run != layout else out), lse.contiguous()
 
 
 def _lse_shape(q: Tensor, varlen: bool, layout: str) -> tuple:
@@ -207,9 +263,10 @@ def _attention_fwd_fake(
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     # lse is float32, except for float64 inputs on the host (the reference keeps float64).
     lse_dtype = torch.float64 if q.dtype == torch.float64 and q.device.type != "cuda" else torch.float32
-    out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, varlen, layout), dtype=lse_dtype)
-    return out, lse
+    if _memory_layout(q, layout, varlen) != layout:
+        return _swap(q.new_empty(_swap(q).shape)), lse
+    return q.new_empty(q.shape), lse
 
 
 # ---- the backward operator ----------------------------------------------------------------
@@ -264,28 +321,46 @@ def attention_bwd(
 def _backward_impl(dout, q, k, v, out, lse, bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars,
                    compute_dbias: bool, **block):
     """The backward operator's body (its arguments in its order; `block`: the block-sparse
-    lists and block size, by name)."""
-    opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars, **block)
+    lists and block size, by name). The gradients come in the layout the forward ran in
+    (`_memory_layout` of q), viewed in the caller's."""
+    layout = scalars[-1]
+    run = _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None)
+    if run != layout:
+        dout, q, k, v, out = _swap(dout), _swap(q), _swap(k), _swap(v), _swap(out)
     with_dbias = bias is not None and compute_dbias
-    grads = cuflash.backward(
-        _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
-        _exportable(lse), compute_dbias=with_dbias, **opts,
-    )
+    grads = None
+    if (bias is None and mask is None and alibi_slopes is None and cu_seqlens_q is None and cu_seqlens_k is None
+            and seed is None and block.get("block_kv_index") is None):
+        if dout.size(-1) > 1 and dout.stride(-1) != 1:  # as _exportable gives it the full path
+            dout = dout.contiguous()
+        grads = _planned("backward", (dout, q, k, v, out, lse), scalars, run)
+    if grads is None:
+        opts = _core_options(bias, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed, *scalars[:-1], run, **block)
+        grads = cuflash.backward(
+            _exportable(dout), _exportable(q), _exportable(k), _exportable(v), _exportable(out),
+            _exportable(lse), compute_dbias=with_dbias, **opts,
+        )
     dq, dk, dv = (g.contiguous() for g in grads[:3])
+    if run != layout:
+        dq, dk, dv = _swap(dq), _swap(dk), _swap(dv)
     dbias = grads[3].contiguous() if with_dbias else q.new_empty((0,))
     return dq, dk, dv, dbias
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, bias=None, *args, compute_dbias=True, **kwargs):
+def _attention_bwd_fake(
+    dout, q, k, v, out, lse, bias=None, mask=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    seed=None, softmax_scale=None, causal=False, causal_alignment="bottom_right", window_left=-1, window_right=-1,
+    softcap=0.0, dropout_p=0.0, max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd",
+    compute_dbias=True, *block, **block_by_name,
+):
     dbias = bias.new_empty(bias.shape) if bias is not None and compute_dbias else q.new_empty((0,))
+    if _memory_layout(q, layout, cu_seqlens_q is not None or cu_seqlens_k is not None) != layout:
+        return (*(_swap(t.new_empty(_swap(t).shape)) for t in (q, k, v)), dbias)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 # ---- autograd -----------------------------------------------------------------------------
-
-
-_NUM_SCALARS = 11  # the forward operator's non-tensor options, before the block-sparse inputs
 
 
 def _setup_context(ctx, inputs, output):
@@ -326,6 +401,30 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _register_device_kernels() -> Any:
+    """The operators' bodies registered straight at the CPU and CUDA dispatch keys, which
+    the dispatcher prefers to custom_op's own (CompositeExplicitAutograd) registration.
+    custom_op's wraps each call in an output-aliasing check and a guard that keeps Dynamo
+    from tracing into the body, 10-25 us of Python per call, paid by every call torch.compile's
+    generated code makes; neither applies here (the outputs are always new tensors, and
+    Dynamo traces the operators through their fakes, never their bodies). The same bodies
+    run, so results are the same. Returns the registering Library (it must stay alive), or
+    None where custom_op keeps the original function elsewhere (the operators then keep
+    custom_op's registration)."""
+    bodies = {name: getattr(op, "_init_fn", None) for name, op in (("attention_fwd", attention_fwd),
+                                                                    ("attention_bwd", attention_bwd))}
+    if any(body is None for body in bodies.values()):
+        return None
+    library = torch.library.Library("cuflash", "IMPL")
+    for name, body in bodies.items():
+        for key in ("CPU", "CUDA"):
+            library.impl(name, body, key)
+    return library
+
+
+_DEVICE_KERNELS = _register_device_kernels()
+
+
 class _EagerAttention(torch.autograd.Function):
     """The operators' forward and backward bodies as an autograd Function, for eager calls
     on plain tensors. The result is the same; the cost is not: an autograd-registered
@@ -335,9 +434,11 @@ class _EagerAttention(torch.autograd.Function):
     operators (`_use_operators`)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, q, k, v, bias, rest):
+        inputs = (q, k, v, bias, *rest)
         out, lse = _forward_impl(*inputs)
         _setup_context(ctx, inputs, (out, lse))
+        ctx.num_inputs = 5  # apply's arguments: q, k, v, bias and the rest as one tuple
         return out, lse
 
     @staticmethod
@@ -438,7 +539,12 @@ def _call(
     )
     if _use_operators(*args[:8], *lists[:4]):
         return torch.ops.cuflash.attention_fwd(*args)
-    return _EagerAttention.apply(*args)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return _forward_impl(*args)
+    # Function.apply inspects every argument (~1 us each): the 16 that take no gradient go
+    # as one tuple.
+    return _EagerAttention.apply(q, k, v, bias, args[4:])
 
 
 @lists_valid_keywords("cuflash.torch.attention")

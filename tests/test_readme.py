@@ -23,7 +23,7 @@ import pytest
 README = Path(__file__).resolve().parent.parent / "README.md"
 _FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.S | re.M)
 _KNOWN_TAGS = {"gpu"}
-_KNOWN_PACKAGES = {"torch", "jax", "cupy"}
+_KNOWN_PACKAGES = {"torch", "jax", "cupy", "transformers"}
 
 
 def snippets() -> list[tuple[int, set[str], tuple[str, ...], str]]:

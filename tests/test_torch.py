@@ -75,6 +75,11 @@ def _opcheck_cases(dtype):
     mask = randn(5, 7) > -0.8
     cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 7], dtype=torch.int32)
     qv, kv, vv = (randn(n, h, 8, dtype=dtype, requires_grad=True) for n, h in ((5, 4), (7, 2), (7, 2)))
+    # A model's q, k, v: head-transposed views of one fused (B, T, Hq + 2 Hkv, D) projection.
+    fused = randn(2, 6, 8, 8, dtype=dtype, seed=4)
+    qf, kf, vf = (fused[:, :, a:b].transpose(1, 2).requires_grad_() for a, b in ((0, 4), (4, 6), (6, 8)))
+    # The FlashAttention layout given views of heads-first memory.
+    qh, kh, vh = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     return {
         "causal_gqa": ((q, k, v), dict(causal=True)),
         "bias_mask_bhsd": ((qb, kb, vb), dict(bias=bias, mask=mask, layout="bhsd")),
@@ -83,18 +88,22 @@ def _opcheck_cases(dtype):
         "dropout": ((q, k, v), dict(dropout_p=0.25, seed=torch.tensor(1234))),
         "varlen": ((qv, kv, vv), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3,
                                       max_seqlen_k=4, causal=True)),
+        "fused_qkv_views_bhsd": ((qf, kf, vf), dict(causal=True, layout="bhsd")),
+        "heads_first_memory_bshd": ((qh, kh, vh), dict(softcap=2.0)),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", ["causal_gqa", "bias_mask_bhsd", "softcap_alibi_window", "dropout", "varlen"])
+@pytest.mark.parametrize("case", ["causal_gqa", "bias_mask_bhsd", "softcap_alibi_window", "dropout", "varlen",
+                                  "fused_qkv_views_bhsd", "heads_first_memory_bshd"])
 def test_opcheck_forward(dtype, case):
     args, kwargs = _opcheck_cases(dtype)[case]
     torch.library.opcheck(torch.ops.cuflash.attention_fwd.default, args, kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", ["causal_gqa", "bias_mask_bhsd", "varlen"])
+@pytest.mark.parametrize("case", ["causal_gqa", "bias_mask_bhsd", "varlen", "fused_qkv_views_bhsd",
+                                  "heads_first_memory_bshd"])
 def test_opcheck_backward(dtype, case):
     args, kwargs = _opcheck_cases(dtype)[case]
     args = tuple(a.detach() for a in args)
