@@ -205,7 +205,7 @@ def test_the_launch_falls_back_to_the_wgmma_kernel(monkeypatch, caplog):
     assert "TMA descriptors refused" in caplog.text
 
 
-@pytest.mark.parametrize("options", [dict(softcap=30.0), dict(dropout_p=0.1, seed=3)], ids=["softcap", "dropout"])
+@pytest.mark.parametrize("options", [{"softcap": 30.0}, {"dropout_p": 0.1, "seed": 3}], ids=["softcap", "dropout"])
 def test_calls_with_modifiers_plan_the_family_general_or_the_portable_kernel(monkeypatch, options):
     """A call with score modifiers or dropout takes the warp-specialised kernel compiled
     with them; when TMA cannot read q, the portable kernel with them (the wgmma kernel has
