@@ -282,24 +282,24 @@ struct FwdWs {
                         float unused[kPart][4];
                         mods.to_log2<kPart, false>(sp, unused, row0, n0 + part * kPart * 8 + 2 * t, index_mask);
                     }
-                    return;
-                }
+                } else {
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+                    for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
-                if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
+                        for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
+                    if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        int lo, hi;
-                        index_mask.row_limits(row0 + 8 * r, lo, hi);
+                        for (int r = 0; r < 2; ++r) {
+                            int lo, hi;
+                            index_mask.row_limits(row0 + 8 * r, lo, hi);
 #pragma unroll
-                        for (int nt = 0; nt < kNT; ++nt)
+                            for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                            for (int c = 0; c < 2; ++c) {
-                                const int j = n0 + nt * 8 + 2 * t + c;
-                                if (j < lo || j > hi) s[nt][2 * r + c] = -CF_INF;
-                            }
+                                for (int c = 0; c < 2; ++c) {
+                                    const int j = n0 + nt * 8 + 2 * t + c;
+                                    if (j < lo || j > hi) s[nt][2 * r + c] = -CF_INF;
+                                }
+                        }
                     }
                 }
             };
