@@ -282,7 +282,7 @@ def run_features(dog: Watchdog) -> int:
         "dense_bias": {"bias": dense},
         "dropout": {"dropout_p": 0.1},
     }
-    # SDPA given the same mask or bias (None: it has no such option)
+    # SDPA given the same mask, bias or dropout (softcap and ALiBi: no such option, not timed)
     theirs = {"plain": {}, "key_padding": {"attn_mask": keep_keys}, "dense_bias": {"attn_mask": dense},
               "dropout": {"dropout_p": 0.1}}
     files: list[str] = []
