@@ -1,6 +1,8 @@
 """Device check of the warp-specialised Hopper forward (flash_fwd_ws_sm90.cu): correctness
-against float64 first, then speed beside the wgmma kernel and SDPA's cuDNN and flash
-backends. Runs in under three minutes on an H200:
+against float64 first (plain and with score modifiers and dropout), then speed beside the
+wgmma kernel and SDPA's cuDNN and flash backends, and a features table at seqlen 4k (the
+family compiled with the modifiers beside the portable kernel and SDPA given the same mask
+or bias). Runs in under three minutes on an H200:
 
     python benchmarks/ws_check.py            # both parts; the table comes last
     python benchmarks/ws_check.py --quick    # fewer timing points
@@ -80,6 +82,28 @@ def correctness_cases():
         Case(heads=4, heads_kv=2, dtype="fp16", head_dim=64, causal=True, varlen=((200, 200), (131, 129), (17, 260))),
         Case(heads=2, heads_kv=2, dtype="bf16", head_dim=256, window=(20, 3), varlen=((100, 90), (70, 130))),
         Case(batch=1, seqlen_q=2049, seqlen_k=2050, heads=2, heads_kv=1, head_dim=128, dtype="bf16", causal=True),
+    ]
+    return cases + feature_cases()
+
+
+def feature_cases():
+    """The features table's modifiers, on small shapes (the family compiled with them)."""
+    from test_kernels_gpu import Case
+
+    small = {"batch": 2, "seqlen_q": 257, "seqlen_k": 389, "heads": 2, "heads_kv": 2}
+    cases = []
+    for d in (64, 128, 256):
+        cases.append(Case(**small, head_dim=d, dtype="bf16", softcap=30.0, alibi="h", bias_shape=("b", "h", "q", "k"),
+                          mask_shape=("b", "1", "1", "k")))
+        cases.append(Case(**small, head_dim=d, dtype="fp16", causal=True, dropout_p=0.1))
+    cases += [
+        Case(**small, head_dim=128, dtype="bf16", softcap=30.0),
+        Case(**small, head_dim=128, dtype="bf16", alibi="bh", causal=True),
+        Case(**small, head_dim=128, dtype="bf16", mask_shape=("b", "1", "1", "k")),
+        Case(**small, head_dim=128, dtype="bf16", bias_shape=("b", "h", "q", "k")),
+        Case(**small, head_dim=128, dtype="bf16", dropout_p=0.1),
+        Case(heads=2, heads_kv=1, dtype="bf16", head_dim=128, softcap=20.0, mask_shape=("b", "h", "q", "k"),
+             dropout_p=0.2, varlen=((5, 7), (0, 9), (130, 1), (257, 300))),
     ]
     return cases
 
@@ -228,6 +252,109 @@ def run_timing(dog: Watchdog, skip_ws: bool, quick: bool) -> int:
     return 0
 
 
+FEATURES = ("plain", "softcap", "alibi", "key_padding", "dense_bias", "dropout")
+
+
+def run_features(dog: Watchdog) -> int:
+    """Seqlen 4k, batch 4, 16 heads, d=128, bf16, not causal: each modifier through the
+    family compiled with it ("ws"), the portable kernel ("portable", WGMMA off) and SDPA's
+    cuDNN and memory-efficient backends where they take the same mask or bias."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash
+    from cuflash import _build, _fast, _tiles
+
+    b, n, h, d = 4, 4096, 16, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn((b, n, h, d), device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda", dtype=torch.float32)
+    keep_keys = torch.ones((b, 1, 1, n), device="cuda", dtype=torch.bool)
+    keep_keys[..., n - n // 10:] = False  # 10% padded keys
+    dense = torch.randn((b, h, n, n), device="cuda", dtype=torch.bfloat16, generator=gen)
+    ours = {
+        "plain": {},
+        "softcap": {"softcap": 30.0},
+        "alibi": {"alibi_slopes": slopes},
+        "key_padding": {"mask": keep_keys},
+        "dense_bias": {"bias": dense},
+        "dropout": {"dropout_p": 0.1},
+    }
+    # SDPA given the same mask, bias or dropout (softcap and ALiBi: no such option, not timed)
+    theirs = {"plain": {}, "key_padding": {"attn_mask": keep_keys}, "dense_bias": {"attn_mask": dense},
+              "dropout": {"dropout_p": 0.1}}
+    files: list[str] = []
+    real_module = _build.module
+
+    def recording(variant, device_index):
+        files.append(variant.kernel_file)
+        return real_module(variant, device_index)
+
+    _build.module = recording
+    _tiles.FWD_FAMILY = "ws"
+    for feature in FEATURES:
+        row = {"feature": feature}
+        for system in ("ws", "portable", "sdpa_cudnn", "sdpa_efficient"):
+            what = f"{system} {feature}"
+            try:
+                if system in ("ws", "portable"):
+                    _tiles.WGMMA_ENABLED = system == "ws"  # off: the portable (mma.sync) kernel, plain too
+                    _fast.clear()
+                    files.clear()
+
+                    def fn(options=ours[feature]):
+                        return cuflash.forward(q, k, v, **options)
+
+                    row[system] = time_ms(fn, dog, what)
+                    expected = _tiles.WS_FWD_FILE if system == "ws" else "flash_fwd.cu"
+                    if expected not in files:
+                        row[f"{system}_error"] = f"ran {files}, not {expected}"
+                elif feature in theirs:
+                    backend = SDPBackend.CUDNN_ATTENTION if system == "sdpa_cudnn" else SDPBackend.EFFICIENT_ATTENTION
+
+                    def fn(options=theirs[feature], backend=backend):
+                        with sdpa_kernel(backend), torch.no_grad():
+                            return F.scaled_dot_product_attention(qt, kt, vt, **options)
+
+                    row[system] = time_ms(fn, dog, what)
+            except Exception as exc:  # noqa: BLE001 - a backend may refuse an option
+                dog.disarm()
+                row[system] = None
+                row[f"{system}_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        print(json.dumps(row), flush=True)
+    _tiles.WGMMA_ENABLED = True
+    return 0
+
+
+def print_features(rows: list[dict]) -> None:
+    print("\nfeatures: bf16 forward, batch 4, seqlen 4k, 16 heads, d=128, not causal: ms, x plain (over the ws "
+          "plain kernel), and SDPA's time over ws (> 1: ws faster) given the same mask or bias")
+    print(f"{'feature':>12} {'ws ms':>8} {'x plain':>8} {'portable':>9} {'x plain':>8} {'cudnn ms':>9} {'eff ms':>8}"
+          f" {'cudnn/ws':>9} {'eff/ws':>7}")
+    plain = next((r.get("ws") for r in rows if r.get("feature") == "plain"), None)
+
+    def fmt(x, spec):
+        return spec.format(x) if isinstance(x, (int, float)) else " " * (len(spec.format(0.0)) - 1) + "-"
+
+    def ratio(a, b):
+        return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+    for r in rows:
+        if "hang" in r:
+            print(f"HANG: {r['hang']}")
+            continue
+        print(f"{r['feature']:>12} {fmt(r.get('ws'), '{:8.3f}')} {fmt(ratio(r.get('ws'), plain), '{:8.2f}')}"
+              f" {fmt(r.get('portable'), '{:9.3f}')} {fmt(ratio(r.get('portable'), plain), '{:8.2f}')}"
+              f" {fmt(r.get('sdpa_cudnn'), '{:9.3f}')} {fmt(r.get('sdpa_efficient'), '{:8.3f}')}"
+              f" {fmt(ratio(r.get('sdpa_cudnn'), r.get('ws')), '{:9.2f}')}"
+              f" {fmt(ratio(r.get('sdpa_efficient'), r.get('ws')), '{:7.2f}')}")
+        for s in ("ws", "portable", "sdpa_cudnn", "sdpa_efficient"):
+            if r.get(f"{s}_error"):
+                print(f"     {s}: {r[f'{s}_error']}")
+
+
 # ---- the parent --------------------------------------------------------------------------------
 
 
@@ -264,15 +391,19 @@ def prebuild() -> None:
     variants = set()
     for dtype in (np.dtype(np.float16), BFLOAT16):
         for d in (40, 64, 96, 128, 224, 256):
-            for tma in (False, True):
-                variants.add(_tiles.forward_variant(dtype, d, False, limit, "sm_90", tma=tma, family="ws")[0])
+            for general in (False, True):
+                for tma in (False, True):
+                    variants.add(_tiles.forward_variant(dtype, d, general, limit, "sm_90", tma=tma, family="ws")[0])
+    # the features table's portable kernels (plain and general, bf16, d=128)
+    for general in (False, True):
+        variants.add(_tiles.forward_variant(BFLOAT16, 128, general, limit)[0])
     with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 4, 16)) as pool:
         list(pool.map(_build.build, sorted(variants, key=lambda v: v.tag), ["sm_90"] * len(variants)))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("correctness", "timing"))
+    parser.add_argument("--part", choices=("correctness", "timing", "features"))
     parser.add_argument("--skip-ws", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -282,6 +413,8 @@ def main() -> int:
         return run_correctness(dog)
     if args.part == "timing":
         return run_timing(dog, args.skip_ws, args.quick)
+    if args.part == "features":
+        return run_features(dog)
 
     t0 = time.time()
     prebuild()
@@ -294,6 +427,9 @@ def main() -> int:
     print(f"correctness: {sum(r.get('status') == 'ok' for r in rows)} ok, {len(bad)} not ok"
           + (" (a case hung: timing runs without the family)" if hung else ""))
     extra = (["--skip-ws"] if hung else []) + (["--quick"] if args.quick else [])
+    features: list[dict] = []
+    if not hung:
+        _, features = child("features", 35, [])
     budget = max(175 - (time.time() - t0), 30)
     _, table = child("timing", budget, extra)
     systems = ("ws", "ws_persistent", "sm90", "sdpa_cudnn", "sdpa_flash")
@@ -320,6 +456,7 @@ def main() -> int:
         for s in systems:
             if r.get(f"{s}_error"):
                 print(f"     {s}: {r[f'{s}_error']}")
+    print_features(features)
     print(f"total {time.time() - t0:.0f} s")
     return 0 if not bad and not hung else 1
 

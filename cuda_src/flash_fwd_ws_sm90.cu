@@ -1,7 +1,7 @@
 // Attention forward for Hopper (sm_90a), warp-specialised: TMA loads, a ring of K/V stages
 // guarded by mbarriers, and two consumer warpgroups that take turns on the tensor cores.
-// 16-bit inputs, no score modifiers (softcap, ALiBi, bias, mask and dropout run on the
-// portable kernel).
+// 16-bit inputs; with CF_GENERAL the score modifiers (softcap, ALiBi, float bias, boolean
+// mask) and dropout are compiled in.
 //
 // A query tile is kBlockM = 128 rows of one (batch, head); a thread block takes one tile,
 // or, launched persistent (one block per SM), every gridDim.x-th tile (query_block_index).
@@ -27,17 +27,28 @@
 //
 // Masks come from mask.cuh (IndexMask on the 128-row tile, SeqInfo per sequence), exactly
 // as in the other forward kernels. The accumulator layout is mma.sync's, so softmax.cuh's
-// OnlineSoftmax and mma.cuh's register conversion apply unchanged. O is normalised, staged
-// in the consumer's own rows of the Q tile (swizzled) and stored once; LSE as the other
-// forward kernels write it.
+// OnlineSoftmax and mma.cuh's register conversion apply unchanged: a wgmma m64nN
+// accumulator gives warp w of a warpgroup rows 16w + g and 16w + g + 8 and, in its n8 tile
+// nt, columns 8nt + 2t and 8nt + 2t + 1, the four elements of one m16n8 tile of mma.sync.
+// So the general variant calls mask.cuh's ScoreMods::to_log2 and philox.cuh's
+// DropoutRng::keep4 with the same (i0, j0) as the portable kernel does for those rows and
+// keys (i0 = the row of g, with i0 & 8 == 0 since tiles start at multiples of 128; j0 =
+// the tile's first key + 2t): the same scores, and the same keep mask bit for bit, which
+// the backward regenerates from the same global coordinates. Bias and mask are read from
+// global memory element by element, where the index rules allow, as the portable kernel
+// reads them (not yet tile by tile through shared memory). O is normalised, staged in the
+// consumer's own rows of the Q tile (swizzled) and stored once; LSE as the other forward
+// kernels write it.
 //
 // Compile-time configuration (cuflash/_tiles.py): CF_ELEM 0/1 = fp16/bf16, CF_HEAD_DIM
 // (64, 128 or 256: the padded head dim), CF_FWD_BLOCK_N (key tile: 64 or 128),
-// CF_FWD_STAGES (K/V ring depth), CF_FWD_SMEM (the bytes the host provides).
+// CF_FWD_STAGES (K/V ring depth), CF_FWD_SMEM (the bytes the host provides), CF_GENERAL
+// (score modifiers and dropout compiled in).
 #include "common.cuh"
 #include "mask.cuh"
 #include "mbarrier.cuh"
 #include "mma.cuh"
+#include "philox.cuh"
 #include "sm90.cuh"
 #include "softmax.cuh"
 #include "tma.cuh"
@@ -64,7 +75,7 @@ CF_DEVICE uint4 ld_shared_16(u32 addr) {
     return v;
 }
 
-template <typename T, int kD, int kBlockN, int kStages>
+template <typename T, int kD, int kBlockN, int kStages, bool kGeneral>
 struct FwdWs {
     static constexpr int kConsumers = 2, kBlockM = 64 * kConsumers, kThreads = 128 * (kConsumers + 1);
     static constexpr int kNT = kBlockN / 8, kDT = kD / 8, kColBlocks = kD / 64;
@@ -75,6 +86,10 @@ struct FwdWs {
     static constexpr int kBarriers = 2 + 4 * kStages;  // Q full, Q empty; K full, K empty, V full, V empty per stage
     static constexpr u32 kSmemBytes = kOffBar + 8 * kBarriers;
     static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+    // General: to_log2 takes the key tile in this many parts (its allowed flags are as many
+    // registers as the scores). The smallest count without spills (ptxas -v, sm_90a): 64
+    // keys at d=64, 32 at d=128 (64: 92 B spilled), 16 at d=256 (32: 16 B).
+    static constexpr int kScoreParts = kD == 64 ? kBlockN / 64 : kD == 128 ? kBlockN / 32 : kBlockN / 16;
     static_assert(kD == 64 || kD == 128 || kD == 256, "head dims padded to 64, 128 or 256");
     static_assert(kBlockN == 64 || kBlockN == 128, "key tiles with a wgmma_ss shape and a TMA box of <= 256 rows");
     static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
@@ -221,6 +236,7 @@ struct FwdWs {
             const IndexMask& index_mask = tile.index_mask;
             const int b = tile.blk.b, h = tile.blk.h, m0 = tile.blk.m0, n_hi = tile.n_hi, tiles = tile.tiles;
             const int row0 = m0 + r_local;
+            const bool dropout = kGeneral && (p.flags & CF_HAS_DROPOUT);
 
             float acc_o[kDT][4];
 #pragma unroll
@@ -254,24 +270,51 @@ struct FwdWs {
                 wgmma_commit();
             };
             // Scores to log2 units (rounded alone, as the backward rounds them), masked by
-            // index only on tiles that straddle a limit.
+            // index only on tiles that straddle a limit. General: ScoreMods on every tile, in
+            // kScoreParts column parts.
             auto to_log2 = [&](float (&s)[kNT][4], int n0) {
+                if constexpr (kGeneral) {
+                    const ScoreMods mods(p, seq, b, h);
+                    constexpr int kPart = kNT / kScoreParts;
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+                    for (int part = 0; part < kScoreParts; ++part) {
+                        float(&sp)[kPart][4] = *reinterpret_cast<float(*)[kPart][4]>(&s[part * kPart][0]);
+                        float unused[kPart][4];
+                        mods.to_log2<kPart, false>(sp, unused, row0, n0 + part * kPart * 8 + 2 * t, index_mask);
+                    }
+                } else {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
-                if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
+                    for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        int lo, hi;
-                        index_mask.row_limits(row0 + 8 * r, lo, hi);
+                        for (int e = 0; e < 4; ++e) s[nt][e] = __fmul_rn(s[nt][e], p.scale_log2);
+                    if (!index_mask.tile_is_full(m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
-                        for (int nt = 0; nt < kNT; ++nt)
+                        for (int r = 0; r < 2; ++r) {
+                            int lo, hi;
+                            index_mask.row_limits(row0 + 8 * r, lo, hi);
 #pragma unroll
-                            for (int c = 0; c < 2; ++c) {
-                                const int j = n0 + nt * 8 + 2 * t + c;
-                                if (j < lo || j > hi) s[nt][2 * r + c] = -CF_INF;
-                            }
+                            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                                for (int c = 0; c < 2; ++c) {
+                                    const int j = n0 + nt * 8 + 2 * t + c;
+                                    if (j < lo || j > hi) s[nt][2 * r + c] = -CF_INF;
+                                }
+                        }
+                    }
+                }
+            };
+            // Dropout thins P for P·V only: the row sums (taken by `update`) keep every
+            // probability, and the epilogue scales O by 1 / (1 - p).
+            auto drop = [&](float (&s)[kNT][4], int n0) {
+                if constexpr (kGeneral) {
+                    const DropoutRng rng(p);
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt) {
+                        bool keep[4];
+                        rng.keep4(tile.blk.bh, row0, n0 + nt * 8 + 2 * t, keep);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!keep[e]) s[nt][e] = 0.f;
                     }
                 }
             };
@@ -309,6 +352,7 @@ struct FwdWs {
                 release(k_empty(slot(0)));
                 to_log2(s, (n_hi - 1) * kBlockN);
                 softmax.update(s, alpha);  // O is still 0: nothing to rescale
+                if (dropout) drop(s, (n_hi - 1) * kBlockN);
 #pragma unroll
                 for (int kk = 0; kk < kBlockN / 16; ++kk) acc_to_a<T>(pa[kk], s, kk);
 
@@ -325,6 +369,7 @@ struct FwdWs {
                     release(k_empty(stage));
                     to_log2(s, (n_hi - 1 - it) * kBlockN);
                     softmax.update(s, alpha);
+                    if (dropout) drop(s, (n_hi - 1 - it) * kBlockN);  // under P·V, like the softmax
                     wgmma_wait_all();  // P·V done: O may be rescaled, pa reused, V released
                     pin(acc_o);
                     release(v_empty(prev));
@@ -348,6 +393,10 @@ struct FwdWs {
             // are zeros and Q's slot may hold another tile's data: store them directly.
             float inv_sum[2], lse[2];
             softmax.finish(inv_sum, lse);
+            if (dropout) {
+                inv_sum[0] *= p.dropout_scale;
+                inv_sum[1] *= p.dropout_scale;
+            }
             OnlineSoftmax<kNT>::rescale(acc_o, inv_sum);
             T* o = static_cast<T*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, h);
             const bool vec_o = p.aligned & CF_ALIGN_O;
@@ -402,7 +451,7 @@ typedef bf16_t ElemT;
 #error "the warp-specialised forward takes 16-bit inputs"
 #endif
 
-typedef FwdWs<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_STAGES> Kernel;
+typedef FwdWs<ElemT, CF_HEAD_DIM, CF_FWD_BLOCK_N, CF_FWD_STAGES, CF_GENERAL != 0> Kernel;
 // The host's dynamic shared memory (_tiles.ws_fwd_smem): the layout plus 1 KB of alignment.
 static_assert(Kernel::kSmemBytes + 1024 == CF_FWD_SMEM, "host and kernel agree on shared memory");
 

@@ -124,8 +124,9 @@ def _block_size(views: Views) -> tuple[int, int] | None:
 def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
                     record: Any) -> tuple[_build.Variant, _tiles.Tiles, int, _tma.ForwardMaps | None]:
     """(variant, tiles, shared memory, TMA maps or None) of the forward: the warp-specialised
-    kernel where the planner picks it and TMA can read q, k and v, else what the planner
-    picks without TMA."""
+    kernel (with or without score modifiers) where the planner picks it and TMA can read q,
+    k and v, else what the planner picks without TMA (the wgmma kernel, or with modifiers
+    the portable one)."""
     dtype = np.dtype(views.q.dtype)
     general, arch, limit = _params.is_general(opts), _build.arch_of(device_index), smem_limit(device_index)
     block_size = _block_size(views)
@@ -139,8 +140,8 @@ def _forward_kernel(views: Views, opts: Options, dims: Dims, device_index: int,
         try:
             maps.arguments(_params.as_argument(record.pack()))  # encoded now, cached for the launch
             return variant, tiles, smem, maps
-        except RuntimeError as exc:  # a layout the driver refuses: the wgmma kernel serves it
-            _log.warning("cuflash: TMA descriptors refused (%s); using the wgmma forward", exc)
+        except RuntimeError as exc:  # a layout the driver refuses: a kernel without TMA serves it
+            _log.warning("cuflash: TMA descriptors refused (%s); using a forward without TMA", exc)
     return (*_tiles.forward_variant(dtype, dims.head_dim, general, limit, arch, block_size=block_size), None)
 
 

@@ -190,7 +190,7 @@ _SM90_BWD_TABLE = (
     (128, Tiles(64, 128, 8, 2, wgmma=True), "d<=128: 64-query tiles (Sᵀ, dPᵀ 32 registers each beside dK, dV 64 each), dQ split by columns, 150 KB: 293 vs 248; one warpgroup per block 266"),
     (256, Tiles(64, 64, 8, 2, wgmma=True), "d=224, 256: two warpgroups per 64 keys split dK, dV, dQ by head-dim halves (64 registers each) and Sᵀ, dPᵀ by query halves; Pᵀ, dSᵀ through shared memory, 210 KB: 239 vs 196 TFLOP/s at 4k on mma.sync"),
 )
-# Warp-specialised Hopper forward (16-bit, no score modifiers; flash_fwd_ws_sm90.cu): 128
+# Warp-specialised Hopper forward (16-bit; flash_fwd_ws_sm90.cu): 128
 # query rows per block in two consumer warpgroups of 64 beside one producer warpgroup (12
 # warps); K and V arrive by TMA in a ring of `stages` slots. Planned where TMA can read q, k
 # and v (16-byte aligned pointers and strides, _tma.map_shape) and the head dim pads to 64,
@@ -201,9 +201,18 @@ _WS_FWD_TABLE = (
     (128, Tiles(128, 128, 12, stages=2, wgmma=True), "d<=128: 128-key tiles, 2 stages (160 KB); S and P 96 registers beside O's 64"),
     (256, Tiles(128, 64, 12, stages=2, wgmma=True), "d<=256: O holds 128 fp32 registers, so 64-key tiles; 2 stages (192 KB)"),
 )
-# Which Hopper forward family plans 16-bit calls without modifiers: "ws" (the
-# warp-specialised kernel where it applies, else the wgmma kernel) or "sm90" (always the
-# wgmma kernel). Tests and benchmarks set it to run both.
+# The same family with score modifiers and dropout compiled in (CF_GENERAL): calls with
+# softcap, ALiBi, a bias, a mask or dropout. A head dim missing here keeps those calls on the
+# portable kernel (the wgmma kernel has no modifiers).
+_WS_FWD_GENERAL_TABLE = (
+    (64, Tiles(128, 128, 12, stages=4, wgmma=True), "modifiers, d<=64: as the plain variant"),
+    (128, Tiles(128, 128, 12, stages=2, wgmma=True), "modifiers, d<=128: as the plain variant"),
+    (256, Tiles(128, 64, 12, stages=2, wgmma=True), "modifiers, d<=256: as the plain variant"),
+)
+# Which Hopper forward family plans 16-bit calls: "ws" (the warp-specialised kernel where
+# it applies; else, without modifiers, the wgmma kernel, with them the portable one) or
+# "sm90" (the wgmma kernel without modifiers, the portable kernel with them, as before the
+# warp-specialised family served them). Tests and benchmarks set it to run both.
 FWD_FAMILIES = ("ws", "sm90")
 FWD_FAMILY = os.environ.get("CUFLASH_FWD_FAMILY", "ws")
 # The warp-specialised forward as a persistent kernel: one block per SM, each taking every
@@ -286,12 +295,13 @@ def ws_fwd_smem(t: Tiles, head_dim: int) -> int:
     return (t.block_m + 2 * t.stages * t.block_n) * d64 * 2 + 8 * (2 + 4 * t.stages) + 1024
 
 
-def _ws_tiles(bucket: int, smem_limit: int) -> Tiles | None:
+def _ws_tiles(bucket: int, smem_limit: int, general: bool = False) -> Tiles | None:
     padded = -(-bucket // 64) * 64
     if padded not in (64, 128, 256):
-        return None  # d=160, 192: no table row (wgmma kernel)
-    forced = OVERRIDES.get(("fwd_ws", False, bucket))
-    for max_d, tiles, _reason in (((padded, forced, "override"),) if forced else ()) + _WS_FWD_TABLE:
+        return None  # d=160, 192: no table row (wgmma or portable kernel)
+    forced = OVERRIDES.get(("fwd_ws_general" if general else "fwd_ws", False, bucket))
+    table = _WS_FWD_GENERAL_TABLE if general else _WS_FWD_TABLE
+    for max_d, tiles, _reason in (((padded, forced, "override"),) if forced else ()) + table:
         if padded <= max_d and ws_fwd_smem(tiles, padded) <= smem_limit:
             return tiles
     return None
@@ -368,6 +378,13 @@ def _wgmma_applies(arch: str | None, general: bool, elem_bytes: int) -> bool:
     return WGMMA_ENABLED and arch in WGMMA_ARCHES and not general and elem_bytes == 2
 
 
+def _ws_applies(arch: str | None, elem_bytes: int, tma: bool, family: str | None) -> bool:
+    """The warp-specialised forward, with or without modifiers: 16-bit inputs TMA can read
+    on Hopper, with the "ws" family chosen."""
+    return (WGMMA_ENABLED and arch in WGMMA_ARCHES and elem_bytes == 2 and tma
+            and (family or _fwd_family()) == "ws")
+
+
 def forward_variant(
     dtype: np.dtype,
     head_dim: int,
@@ -379,22 +396,24 @@ def forward_variant(
     block_size: tuple[int, int] | None = None,
 ) -> tuple[Variant, Tiles, int]:
     """The forward kernel for (dtype, head dim, modifiers?) on a GPU with `smem_limit`
-    bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs without
-    score modifiers get the warp-specialised kernel when `tma` (TMA can read q, k and v)
-    and the family (`family`, default FWD_FAMILY) allow it, else the warpgroup MMA kernel;
-    arch=None plans the portable one. `block_size` (block-sparse) compiles the list-walking
-    kernel with tiles dividing it (the warp-specialised kernel walks no lists)."""
+    bytes of shared memory per block. With `arch` in WGMMA_ARCHES, 16-bit inputs get the
+    warp-specialised kernel (with modifiers compiled in when `general`) when `tma` (TMA can
+    read q, k and v) and the family (`family`, default FWD_FAMILY) allow it; else, without
+    modifiers, the warpgroup MMA kernel. Everything else, and arch=None, plans the portable
+    one. `block_size` (block-sparse) compiles the list-walking kernel with tiles dividing it
+    (the warp-specialised kernel walks no lists)."""
     bucket = head_dim_bucket(head_dim)
     elem = np.dtype(dtype).itemsize
     sparse = _sparse_defines(block_size)
-    if _wgmma_applies(arch, general, elem) and tma and block_size is None and (family or _fwd_family()) == "ws":
-        t = _ws_tiles(bucket, smem_limit)
+    if _ws_applies(arch, elem, tma, family) and block_size is None:
+        t = _ws_tiles(bucket, smem_limit, general)
         if t is not None:
             padded = -(-bucket // 64) * 64
             smem = ws_fwd_smem(t, padded)
             defines = (
                 ("CF_ELEM", ELEM_CODE[np.dtype(dtype)]),
                 ("CF_HEAD_DIM", padded),
+                ("CF_GENERAL", int(general)),
                 ("CF_FWD_BLOCK_N", t.block_n),
                 ("CF_FWD_STAGES", t.stages),
                 ("CF_FWD_SMEM", smem),

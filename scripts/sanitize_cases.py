@@ -9,9 +9,10 @@ Each case runs the forward and the backward (and the probabilities kernel once) 
 random inputs with odd lengths, and checks the results against the float64 reference, so
 a run under a sanitizer also proves the instrumented kernels computed the right thing. The
 Hopper families are planned where the GPU has them: the warp-specialised forward (one block
-per tile, and persistent on two blocks so each walks many tiles), then the wgmma forward
-(`_tiles.FWD_FAMILY = "sm90"`); `_tiles.WGMMA_ENABLED = False` forces the portable family
-for the same problems.
+per tile, and persistent on two blocks so each walks many tiles; the "general" case runs
+it compiled with the score modifiers and dropout), then the wgmma forward
+(`_tiles.FWD_FAMILY = "sm90"`; "general" there takes the portable kernel);
+`_tiles.WGMMA_ENABLED = False` forces the portable family for the same problems.
 """
 
 from __future__ import annotations

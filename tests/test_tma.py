@@ -131,16 +131,19 @@ def test_the_family_applies_to_16_bit_hopper_calls_tma_can_read():
             for general in (False, True):
                 variant, tiles, smem = _tiles.forward_variant(dtype, bucket, general, limit, "sm_90", tma=True)
                 padded = -(-bucket // 64) * 64
-                ws = np.dtype(dtype).itemsize == 2 and not general and padded in (64, 128, 256)
+                ws = np.dtype(dtype).itemsize == 2 and padded in (64, 128, 256)
                 assert (variant.kernel_file == _tiles.WS_FWD_FILE) == ws
                 if ws:
                     assert smem == _tiles.ws_fwd_smem(tiles, padded) <= limit
                     assert dict(variant.defines)["CF_FWD_SMEM"] == smem  # the kernel static_asserts it
                     assert dict(variant.defines)["CF_HEAD_DIM"] == padded
+                    assert dict(variant.defines)["CF_GENERAL"] == int(general)
                     assert tiles.block_m == 128 and tiles.warps == 12 and variant.arch_suffix == "a"
-                # without TMA, the wgmma kernel as before
+                # without TMA, the wgmma kernel as before (the portable one with modifiers)
                 plain = _tiles.forward_variant(dtype, bucket, general, limit, "sm_90")[0]
                 assert plain.kernel_file != _tiles.WS_FWD_FILE
+                if general:
+                    assert plain.kernel_file == "flash_fwd.cu" and dict(plain.defines)["CF_GENERAL"] == 1
     assert _tiles.forward_variant(F16, 128, False, _tiles.SMEM_LIMIT["sm_80"], "sm_80", tma=True)[0].kernel_file == "flash_fwd.cu"
 
 
@@ -148,19 +151,27 @@ def test_the_family_switch_forces_the_wgmma_kernel(monkeypatch):
     limit = _tiles.SMEM_LIMIT["sm_90"]
     monkeypatch.setattr(_tiles, "FWD_FAMILY", "sm90")
     assert _tiles.forward_variant(F16, 128, False, limit, "sm_90", tma=True)[0].kernel_file == "flash_fwd_sm90.cu"
+    # with modifiers, the portable kernel, as before the warp-specialised family served them
+    general = _tiles.forward_variant(F16, 128, True, limit, "sm_90", tma=True)[0]
+    assert general.kernel_file == "flash_fwd.cu" and dict(general.defines)["CF_GENERAL"] == 1
     monkeypatch.setattr(_tiles, "FWD_FAMILY", "fast")
     with pytest.raises(ValueError, match="CUFLASH_FWD_FAMILY='fast' must be one of"):
         _tiles.forward_variant(F16, 128, False, limit, "sm_90", tma=True)
+    # the portable family everywhere: modifiers too
+    monkeypatch.setattr(_tiles, "FWD_FAMILY", "ws")
+    monkeypatch.setattr(_tiles, "WGMMA_ENABLED", False)
+    assert _tiles.forward_variant(F16, 128, True, limit, "sm_90", tma=True)[0].kernel_file == "flash_fwd.cu"
 
 
 def test_shipped_variants_include_the_family_whatever_the_switch(monkeypatch):
     monkeypatch.setattr(_tiles, "FWD_FAMILY", "sm90")
     ws = [v for v in _tiles.shipped_variants("sm_90") if v.kernel_file == _tiles.WS_FWD_FILE]
-    assert len(ws) == len(set(ws)) == 6  # fp16, bf16 x head dims 64, 128, 256
+    assert len(ws) == len(set(ws)) == 12  # fp16, bf16 x head dims 64, 128, 256 x modifiers or not
+    assert sum(dict(v.defines)["CF_GENERAL"] for v in ws) == 6
     assert not [v for v in _tiles.shipped_variants("sm_80") if v.kernel_file == _tiles.WS_FWD_FILE]
 
 
-def _plan(monkeypatch, views, encode=None):
+def _plan(monkeypatch, views, encode=None, **options):
     from cuflash import _build, _launch
     from cuflash._validate import Dims
 
@@ -168,7 +179,7 @@ def _plan(monkeypatch, views, encode=None):
     monkeypatch.setattr(_build, "arch_of", lambda device_index: "sm_90")
     monkeypatch.setattr(_launch, "smem_limit", lambda device_index: _tiles.SMEM_LIMIT["sm_90"])
     monkeypatch.setattr(_tma, "encode", encode or (lambda shape, address, bf16: np.zeros((), dtype=_tma.DESCRIPTOR)))
-    opts = make_options(causal=True)
+    opts = make_options(causal=True, **options)
     dims = Dims(batch=2, seqlen_q=70, seqlen_k=70, num_heads=4, num_heads_kv=4, head_dim=64)
     record = _params.fill(views, opts, dims)
     return _launch._forward_kernel(views, opts, dims, 0, record)
@@ -192,3 +203,15 @@ def test_the_launch_falls_back_to_the_wgmma_kernel(monkeypatch, caplog):
         variant, _, _, maps = _plan(monkeypatch, _views(), encode=refuse)
     assert variant.kernel_file == "flash_fwd_sm90.cu" and maps is None
     assert "TMA descriptors refused" in caplog.text
+
+
+@pytest.mark.parametrize("options", [{"softcap": 30.0}, {"dropout_p": 0.1, "seed": 3}], ids=["softcap", "dropout"])
+def test_calls_with_modifiers_plan_the_family_general_or_the_portable_kernel(monkeypatch, options):
+    """A call with score modifiers or dropout takes the warp-specialised kernel compiled
+    with them; when TMA cannot read q, the portable kernel with them (the wgmma kernel has
+    none)."""
+    variant, tiles, _, maps = _plan(monkeypatch, _views(), **options)
+    assert variant.kernel_file == _tiles.WS_FWD_FILE and maps is not None and tiles.threads == 384
+    assert dict(variant.defines)["CF_GENERAL"] == 1
+    variant, _, _, maps = _plan(monkeypatch, _views(q_ptr=(1 << 20) + 2), **options)
+    assert variant.kernel_file == "flash_fwd.cu" and dict(variant.defines)["CF_GENERAL"] == 1 and maps is None
