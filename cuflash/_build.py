@@ -250,17 +250,28 @@ def _ptx_bytes(ptx: Any) -> bytes:
     return ptx if isinstance(ptx, bytes) else ptx.encode()
 
 
-# CUFLASH_PTX_DIR: a folder of PTX built elsewhere, `<variant tag>-<compute_XX>.ptx`, loaded as
+# CUFLASH_PTX_DIR: a folder of PTX built elsewhere (`prebuilt_ptx_name`), loaded as
 # it is for a compute_XX target (scripts/build-ptx writes it). How an architecture this
 # NVRTC cannot target (Volta under CUDA 13) still runs, as PTX, on a newer GPU.
 PTX_DIR_ENV = "CUFLASH_PTX_DIR"
+
+
+def prebuilt_ptx_name(variant: Variant, arch: str) -> str:
+    """The file name of a variant's PTX in a CUFLASH_PTX_DIR: keyed on the sources and the
+    options (not the NVRTC version, which is the point), so PTX of other sources is never
+    taken for these."""
+    _, src_hash = _sources()
+    digest = hashlib.sha256()
+    for part in (src_hash, variant.kernel_file, repr(options_for(variant, arch)), arch):
+        digest.update(part.encode() + b"\0")
+    return f"{variant.tag}-{arch}-{digest.hexdigest()[:16]}.ptx"
 
 
 def prebuilt_ptx(variant: Variant, arch: str) -> Path | None:
     folder = os.environ.get(PTX_DIR_ENV)
     if not folder:
         return None
-    path = Path(folder) / f"{variant.tag}-{arch}.ptx"
+    path = Path(folder) / prebuilt_ptx_name(variant, arch)
     return path if path.is_file() else None
 
 
