@@ -33,6 +33,7 @@ import json
 import math
 import platform
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -232,6 +233,8 @@ def measure(system_fn, p: Problem, mode: str) -> float:
 
 
 def git_commit() -> str:
+    if os.environ.get("CUFLASH_GIT_COMMIT"):  # a checkout copied without .git
+        return os.environ["CUFLASH_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
