@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import _fast, _interop, _launch, block_sparse, reference
+from cuflash import _build, _fast, _interop, _launch, _tiles, block_sparse, reference
 
 from _tolerance import BF16, check_all, compare, naive_attention
 
@@ -579,7 +579,13 @@ def test_repeat_calls_give_the_full_paths_bits_at_any_alignment(dtype, full_path
             arrays, opts = inputs(draw, misaligned)
             out, lse = cuflash.forward(*arrays[:3], **opts)
             got.append([host(x) for x in (out, lse, *cuflash.backward(arrays[3], *arrays[:3], out, lse, **opts))])
-        assert full_path_calls == ["cuflash.forward", "cuflash.backward"]
+        # The warp-specialised Hopper forward reads through TMA, which needs 16-byte aligned
+        # pointers: a plan made from aligned arrays sends the first misaligned call back to
+        # the full path, whose cp.async plan then serves every alignment. Every other call,
+        # and every backward, takes a plan.
+        tma_forward = _tiles.FWD_FAMILY == "ws" and _build.arch_of(0) == "sm_90" and dtype != "fp32"
+        extra = ["cuflash.forward"] if tma_forward and not first_misaligned else []
+        assert full_path_calls == ["cuflash.forward", "cuflash.backward"] + extra
         for draw, misaligned in enumerate(order):
             _fast.clear()  # every call below takes the full path
             arrays, opts = inputs(draw, misaligned)
@@ -630,7 +636,10 @@ def _bitwise_equal(x, y) -> bool:
 @pytest.mark.parametrize("extra_columns", [8, 3])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("head_dim", [40, 128])
-def test_nan_past_the_logical_end_of_inputs_changes_nothing_bitwise(dtype, head_dim, extra_columns):
+def test_nan_past_the_logical_end_of_inputs_changes_nothing_bitwise(dtype, head_dim, extra_columns, monkeypatch):
+    # The same kernel for both layouts: a row stride of 43 elements is no TMA layout, so on
+    # Hopper the padded call would take the cp.async forward and the plain one the TMA one.
+    monkeypatch.setattr(_tiles, "FWD_FAMILY", "sm90")
     case = Case(batch=2, seqlen_q=70, seqlen_k=90, heads=2, heads_kv=1, head_dim=head_dim, dtype=dtype,
                 causal=True, deterministic=True)
     rng = np.random.default_rng(7)
