@@ -35,6 +35,14 @@ def test_non_finite_q_or_k_gives_nan_where_direct_softmax_does(where, value):
     rng = np.random.default_rng()
     q, k, v = _qkv(rng)
     {"q": q, "k": k}[where][0, 5, 1, 3] = value
+    # An infinite entry gives a +inf score (so a NaN row) only where its partner entry has
+    # its sign: fix one partner so that the case cannot come out all-finite by chance.
+    # (Row 11 attends key 5; row 5 attends key 0.)
+    sign = -1.0 if value == -np.inf else 1.0
+    if where == "k":
+        q[0, 11, 1, 3] = sign
+    else:
+        k[0, 0, 1, 3] = sign
     causal = np.tril(np.ones((12, 12), dtype=bool))
     out, lse = cuflash.forward(q, k, v, causal=True)
     want = _direct(q, k, v, causal)
