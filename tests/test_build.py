@@ -407,6 +407,11 @@ def test_an_unwritable_cache_folder_falls_back_to_a_temporary_one_with_a_warning
     blocker.write_text("")
     unwritable = blocker / "cache"  # mkdir fails whoever runs the test (root ignores permissions)
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(unwritable))
+    # The fallback folder is made under the system's temporary folder: keep it inside this
+    # test's own folder, so no run leaves anything behind or meets another run's folders.
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     variant = _small_variant()
     with pytest.warns(RuntimeWarning, match="cannot write the kernel cache folder"):
         path, seconds = _build.build(variant, "sm_80")
@@ -433,6 +438,24 @@ here, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 (here / f"ready-{me}").touch()
 while not (here / f"ready-{other}").exists():  # start compiling together
     time.sleep(0.005)
+real_compile = _build.compile_variant
+
+
+def compile_together(variant, arch):
+    # Entered only after this process found the cache empty: waiting here until the other
+    # process has too makes the race certain (both compile, both store), whatever the
+    # scheduler does between the two cache checks; without it a process stalled for longer
+    # than one compile finds the other's cubin and never compiles.
+    (here / f"compiling-{me}").touch()
+    give_up = time.monotonic() + 240
+    while not (here / f"compiling-{other}").exists():
+        if time.monotonic() > give_up:
+            sys.exit(f"{other} never started compiling: it found a cubin in the empty cache")
+        time.sleep(0.005)
+    return real_compile(variant, arch)
+
+
+_build.compile_variant = compile_together
 variant = _tiles.forward_variant(np.dtype(np.float16), 32, False, _tiles.SMEM_LIMIT["sm_80"])[0]
 path, seconds = _build.build(variant, "sm_80")
 print(json.dumps({"path": str(path), "seconds": seconds, "problem": _build._cache_problem(path),
