@@ -13,8 +13,11 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+# Not derandomized: every run draws fresh examples, so the tests must hold for any draw.
+# print_blob: a failure in CI prints the @reproduce_failure line that replays it exactly.
 settings.register_profile(
-    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
 )
 # On a leased GPU machine: no shrinking (it re-runs kernels for minutes); report every
 # distinct failure with its falsifying example instead.
