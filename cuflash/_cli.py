@@ -258,6 +258,22 @@ def _smem_limit(gpu: Gpu) -> int:
 # ---- cuflash info ----------------------------------------------------------------------------
 
 
+def _unsupported(gpu: Gpu) -> str | None:
+    """Why no kernel can run on `gpu` with this installation, or None (the same rules as a
+    call's: compute capability 7.0 and newer; Volta needs an NVRTC that still targets it)."""
+    if gpu.major < 7:
+        return "cuflash's kernels need compute capability 7.0 or newer (Volta, Turing, Ampere and later)"
+    try:
+        blocked = _build.volta_unsupported(gpu.arch)
+    except Exception:  # noqa: BLE001 - no NVRTC at all: the NVRTC line above says so
+        return None
+    if blocked:
+        version = ".".join(map(str, _build.nvrtc_version()))
+        return (f"NVRTC {version} cannot build for {gpu.arch} (CUDA 13 removed compute capability "
+                f"{gpu.major}.{gpu.minor}); install the cuda12 extra: pip install 'cuflash[cuda12]'")
+    return None
+
+
 def info(args: argparse.Namespace) -> int:
     out = []
     package = Path(__file__).resolve().parent
@@ -287,8 +303,9 @@ def info(args: argparse.Namespace) -> int:
                 f"  cuda:{gpu.index} {gpu.name}: compute capability {gpu.major}.{gpu.minor} ({gpu.arch}), "
                 f"{gpu.memory_bytes / 2**30:.0f} GiB, {gpu.smem_optin // 1024} KB shared memory per block"
             )
-            if gpu.major < 8:
-                out.append("    not supported: cuflash's kernels need compute capability 8.0 or newer")
+            problem = _unsupported(gpu)
+            if problem:
+                out.append(f"    not supported: {problem}")
                 continue
             out.extend(_describe_families(kernel_families(gpu.arch, _smem_limit(gpu)), "    "))
     print("\n".join(out))

@@ -191,3 +191,37 @@ def test_bench_quick_times_checked_kernels_against_sdpa(capsys):
         assert 1.0 < tflops < 5000.0
         ratios = [float(c) for c in cells[5:] if c != "n/a"]
         assert ratios and all(0.01 < r < 100.0 for r in ratios)
+
+
+@pytest.mark.parametrize("major,minor,family", [(7, 5, "pre-Ampere"), (7, 0, "pre-Ampere"), (8, 6, "mma.sync"),
+                                                (9, 0, "wgmma")])
+def test_info_lists_the_families_of_a_turing_volta_ampere_or_hopper_gpu(monkeypatch, cache, capsys, major, minor,
+                                                                       family):
+    gpu = _cli.Gpu(index=0, name="Test GPU", major=major, minor=minor, memory_bytes=16 * 2**30,
+                   smem_optin=_tiles.SMEM_LIMIT[f"sm_{major}{minor}"])
+    monkeypatch.setattr(_cli, "find_gpus", lambda: ([gpu], ""))
+    assert _cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"cuda:0 Test GPU: compute capability {major}.{minor}" in text
+    if nvrtc_available and major == 7 and minor == 0 and _build.nvrtc_version()[0] >= 13:
+        assert "cannot build for sm_70" in text and "cuflash[cuda12]" in text
+    else:
+        assert "not supported" not in text
+        assert _cli._FAMILY_TITLES[family] in text
+
+
+def test_info_says_why_a_gpu_older_than_volta_cannot_run(monkeypatch, cache, capsys):
+    gpu = _cli.Gpu(index=0, name="Old GPU", major=6, minor=1, memory_bytes=8 * 2**30, smem_optin=49152)
+    monkeypatch.setattr(_cli, "find_gpus", lambda: ([gpu], ""))
+    assert _cli.main(["info"]) == 0
+    assert "not supported: cuflash's kernels need compute capability 7.0 or newer" in capsys.readouterr().out
+
+
+@needs_nvrtc
+def test_info_sends_a_volta_gpu_to_the_cuda12_extra_under_nvrtc_13(monkeypatch, cache, capsys):
+    gpu = _cli.Gpu(index=0, name="Volta", major=7, minor=0, memory_bytes=16 * 2**30, smem_optin=98304)
+    monkeypatch.setattr(_cli, "find_gpus", lambda: ([gpu], ""))
+    monkeypatch.setattr(_build, "nvrtc_version", lambda: (13, 0))
+    assert _cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "not supported: NVRTC 13.0 cannot build for sm_70" in text and "cuflash[cuda12]" in text
