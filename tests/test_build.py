@@ -6,15 +6,12 @@ file."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,8 @@ import pytest
 
 from cuflash import _build, _params, _tiles
 from cuflash._interop import BFLOAT16
+
+from _compile import compile_all, save_report
 
 nvrtc_available = True
 try:
@@ -129,41 +128,14 @@ def test_a_reused_record_with_new_pointers_equals_a_fresh_one(row_stride):
             assert int(reused["aligned"][0]) != int(record["aligned"])
 
 
-def _resources(log: str) -> dict[str, dict[str, int]]:
-    found = {}
-    for m in re.finditer(
-        r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores.*?Used (\d+) registers",
-        log,
-        re.S,
-    ):
-        found[m.group(1)] = {"registers": int(m.group(4)), "stack": int(m.group(2)), "spill_stores": int(m.group(3))}
-    return found
-
-
 @needs_nvrtc
 @pytest.mark.parametrize("arch", _tiles.ARCHES)
 def test_every_shipped_variant_compiles(arch):
-    # A value unique to this run that lands in the PTX (CF_BUILD_NONCE, common.cuh): every
-    # variant really goes through ptxas (a compile cache keyed on PTX, as some machines keep
-    # below NVRTC, answers without the -v report).
-    nonce = (("CF_BUILD_NONCE", int.from_bytes(os.urandom(3), "little")),)
-    jobs = [(v.with_defines(nonce), arch) for v in _tiles.shipped_variants(arch)]
-    assert len(jobs) >= 90
-    report = {}
-    failures = []
-    # Child processes: NVRTC's ptxas can take a process down on bad input. Spawned, not
-    # forked: the test process may hold threads (JAX's) that a fork would copy mid-flight.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 16), mp_context=context) as pool:
-        for tag, arch_, seconds, log in pool.map(_build.compile_job, jobs):
-            if seconds is None:
-                failures.append(f"{tag} {arch_}: {log[:2000]}")
-            else:
-                report[tag] = {"seconds": round(seconds, 2), "kernels": _resources(log)}
-    out = os.environ.get("CUFLASH_COMPILE_REPORT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"compile-{arch}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    variants = _tiles.shipped_variants(arch)
+    assert len(variants) >= 90
+    done = compile_all(variants, arch)
+    report, failures = done.report, done.failures
+    save_report(report, arch)
     assert not failures, "\n".join(failures)
     for tag, entry in report.items():
         kernels = entry["kernels"]
@@ -199,23 +171,12 @@ def test_every_pre_ampere_variant_compiles_to_sass(arch):
             _build.compile_variant(_tiles.shipped_variants(arch)[0], arch)
         pytest.skip(f"NVRTC {_build.nvrtc_version()} cannot target {arch} (CUDA 13 dropped Volta): "
                     "the cuda12 environment (CI) builds it")
-    nonce = (("CF_BUILD_NONCE", int.from_bytes(os.urandom(3), "little")),)
     variants = _tiles.shipped_variants(arch)
     assert variants and all(dict(v.defines).get("CF_ELEM") != 1 for v in variants)
     assert not any(v.arch_suffix for v in variants)
-    jobs = [(v.with_defines(nonce), arch) for v in variants]
-    context = multiprocessing.get_context("spawn")
-    report, failures = {}, []
-    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 16), mp_context=context) as pool:
-        for tag, arch_, seconds, log in pool.map(_build.compile_job, jobs):
-            if seconds is None:
-                failures.append(f"{tag} {arch_}: {log[:2000]}")
-            else:
-                report[tag] = {"seconds": round(seconds, 2), "kernels": _resources(log)}
-    out = os.environ.get("CUFLASH_COMPILE_REPORT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"compile-{arch}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    done = compile_all(variants, arch)
+    report, failures = done.report, done.failures
+    save_report(report, arch)
     assert not failures, "\n".join(failures)
     assert all(entry["kernels"] for entry in report.values())
 
@@ -225,20 +186,13 @@ def test_every_pre_ampere_variant_compiles_to_sass(arch):
 def test_block_sparse_variants_compile(arch):
     """The list-walking (CF_BLOCK_SPARSE) kernels of every family, for the smallest and the
     largest block size, 16-bit and fp32, with and without modifiers, head dims 64, 128, 256."""
-    nonce = (("CF_BUILD_NONCE", int.from_bytes(os.urandom(3), "little")),)
     variants = _tiles.block_sparse_variants(arch, dtypes=(BFLOAT16, np.dtype(np.float32)), head_dims=(64, 128, 256),
                                             block_sizes=[(64, 64), (128, 128)])
     assert all(("CF_BLOCK_SPARSE", 1) in v.defines for v in variants)
-    jobs = [(v.with_defines(nonce), arch) for v in variants]
-    failures = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 16), mp_context=context) as pool:
-        for tag, arch_, seconds, log in pool.map(_build.compile_job, jobs):
-            if seconds is None:
-                failures.append(f"{tag} {arch_}: {log[:2000]}")
-            else:
-                assert _resources(log), f"{tag}: no ptxas resource report"
-    assert not failures, "\n".join(failures)
+    done = compile_all(variants, arch)
+    assert not done.failures, "\n".join(done.failures)
+    for tag, entry in done.report.items():
+        assert entry["kernels"], f"{tag}: no ptxas resource report"
 
 
 @needs_nvrtc

@@ -6,12 +6,9 @@ before launch, and the kernels' parameter record and variants (compiled without 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import os
 import shutil
 import subprocess
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,6 +18,8 @@ from hypothesis import strategies as st
 import cuflash
 from cuflash import _build, _decode_tiles, _kvcache, _tiles
 from cuflash._interop import BFLOAT16
+
+from _compile import compile_all
 
 # ---- an independent dense float64 model ---------------------------------------------------
 
@@ -459,8 +458,7 @@ def test_decode_variants_for_small_shared_memory_parts_compile():
     shipped = {v for arch in _tiles.ARCHES for v in _tiles.shipped_variants(arch)}
     extra = [(v, "sm_80") for v in _decode_tiles.all_variants() if v not in shipped]
     assert extra  # the d<=256 32-key row
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 2, 4), mp_context=context) as pool:
-        for tag, arch, seconds, log in pool.map(_build.compile_job, extra):
-            assert seconds is not None, log[:2000]
-            assert "0 bytes spill stores" in log
+    done = compile_all([v for v, _ in extra], "sm_80", max_workers=4)
+    assert not done.failures, "\n".join(done.failures)
+    for tag, entry in done.report.items():
+        assert entry["kernels"] and all(k["spill_stores"] == 0 for k in entry["kernels"].values()), (tag, entry)
