@@ -10,11 +10,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _fast, _interop, _validate, reference
+from . import _fast, _interop, _validate, fp8, reference
 from ._interop import ArrayRef, Device, InteropError
 from ._options import Options, is_real, make_options
 
-_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state", "block_mask")
+_DESCALES = ("q_descale", "k_descale", "v_descale")
+_ARRAY_OPTIONS = ("bias", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "rng_state", "block_mask") + _DESCALES
 
 
 def _option_arrays(opts: Options) -> dict[str, Any]:
@@ -35,8 +36,11 @@ def _option_arrays(opts: Options) -> dict[str, Any]:
 class _Call:
     """Everything one call needs, after import and validation."""
 
-    def __init__(self, where: str, arrays: dict[str, Any], opts: Options):
+    def __init__(self, where: str, arrays: dict[str, Any], opts: Options, fp8_forward: bool = False):
         self.where = where
+        self.fp8 = any(fp8.float8_dtype_name(arrays[n]) for n in ("q", "k", "v"))
+        if self.fp8:
+            self._refuse_fp8(arrays, fp8_forward, None)
         reasons: list[str] = []
         devices: dict[str, Device] = {}
         for name, obj in arrays.items():
@@ -46,7 +50,7 @@ class _Call:
                 reasons.append(f"{name}: {exc}")
         sequences: dict[str, np.ndarray] = {}
         for name, value in _option_arrays(opts).items():
-            if isinstance(value, (list, tuple)):
+            if isinstance(value, (list, tuple)) or (name in _DESCALES and is_real(value)):
                 converted = _validate.sequence_option(name, value, reasons)
                 if converted is not None:
                     sequences[name] = converted
@@ -62,6 +66,8 @@ class _Call:
             raise _validate.ValidationError(where, reasons, [])
         self.device = devices["q"]
         self.on_host = self.device.kind == "cpu"
+        if self.fp8:
+            self._refuse_fp8(arrays, fp8_forward, self.device)
         self.stream = None
         if not self.on_host:
             _require_cupy(where)
@@ -75,7 +81,23 @@ class _Call:
                 value = self._upload(sequences[name])
             self.option_refs[name] = _interop.import_array(name, value, self.stream)
         self.opts = opts
-        self.dims = _validate.check(where, self.refs, opts, self.option_refs)
+        self.dims = _validate.check(where, self.refs, opts, self.option_refs, fp8_forward=fp8_forward)
+
+    def _refuse_fp8(self, arrays: dict[str, Any], fp8_forward: bool, device: Device | None) -> None:
+        """FP8 calls that cannot run, refused before any array is imported: an entry point
+        without FP8, a gradient asked through an FP8 input (checked before the device: a
+        traced JAX value has none), a device without an FP8 kernel
+        (fp8.kernel_unavailable_reason: every GPU for now)."""
+        if not fp8_forward:
+            reasons = [fp8.forward_only_reason(n, fp8.float8_dtype_name(arrays[n]), self.where)
+                       for n in ("q", "k", "v") if fp8.float8_dtype_name(arrays[n])]
+        elif device is None:
+            reasons = [r for n in ("q", "k", "v") if (r := fp8.gradient_reason(n, arrays[n], self.where))]
+        else:
+            unavailable = fp8.kernel_unavailable_reason(device.kind)
+            reasons = [] if unavailable is None else [unavailable]
+        if reasons:
+            raise _validate.ValidationError(self.where, reasons, [])
 
     def _upload(self, host: np.ndarray) -> Any:
         """Sequences given for small option arrays go to the computing device."""
@@ -161,19 +183,27 @@ def forward(
     max_seqlen_k: int | None = None,
     deterministic: bool = False,
     layout: str = "bshd",
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
+    out_dtype: Any = None,
 ) -> tuple[Any, Any]:
     """Exact attention forward. Returns (out, lse) in the caller's array type.
 
     out has q's shape and dtype; lse (float32; float64 for float64 host inputs) has shape
     (batch, num_heads, seqlen_q), or (num_heads, total_q) for a variable-length batch, and
-    is -inf on rows that attend to no key. See README.md for every option's meaning."""
+    is -inf on rows that attend to no key. See README.md for every option's meaning.
+
+    float8_e4m3fn q, k, v (host arrays only, for now) stand for q * q_descale, k *
+    k_descale, v * v_descale (shapes in cuflash.fp8; None means 1); out is then bfloat16,
+    or float16 with out_dtype="float16", and lse float32. No gradient flows through them."""
     options = {k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")}
     key = _fast_key("forward", (q, k, v), options)
     if key is not None:
         done = _fast.run(key, (q, k, v), seed)
         if done is not None:
             return done
-    return _forward(_Call("cuflash.forward", dict(q=q, k=k, v=v), make_options(**options)), key)
+    return _forward(_Call("cuflash.forward", dict(q=q, k=k, v=v), make_options(**options), fp8_forward=True), key)
 
 
 @_validate.lists_valid_keywords("cuflash.attention")
@@ -202,10 +232,15 @@ def attention(
     max_seqlen_k: int | None = None,
     deterministic: bool = False,
     layout: str = "bshd",
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
+    out_dtype: Any = None,
 ) -> Any:
     """Exact attention: softmax(q kᵀ · scale + modifiers) v, returned in q's array type.
 
-    With dropout_p > 0 and no seed, a fresh random seed is drawn."""
+    With dropout_p > 0 and no seed, a fresh random seed is drawn. FP8 inputs and their
+    options (q_descale, k_descale, v_descale, out_dtype) as in `forward`."""
     options = {k_: v_ for k_, v_ in locals().items() if k_ not in ("q", "k", "v")}
     if options["seed"] is None and options["rng_state"] is None and is_real(dropout_p) and dropout_p > 0:
         options["seed"] = int(np.random.default_rng().integers(0, 2**63))
@@ -214,7 +249,7 @@ def attention(
         done = _fast.run(key, (q, k, v), options["seed"])
         if done is not None:
             return done[0]
-    out, _ = _forward(_Call("cuflash.attention", dict(q=q, k=k, v=v), make_options(**options)), key)
+    out, _ = _forward(_Call("cuflash.attention", dict(q=q, k=k, v=v), make_options(**options), fp8_forward=True), key)
     return out
 
 
@@ -316,7 +351,7 @@ def backward(
 def _fast_key(kind: str, arrays: tuple, options: dict[str, Any]) -> tuple | None:
     """The call's signature for the plan cache (`_fast`); None for calls with array
     options, which always take the full path."""
-    if any(options[name] is not None for name in _ARRAY_OPTIONS):
+    if any(options.get(name) is not None for name in _ARRAY_OPTIONS + ("out_dtype",)):
         return None
     window = options["window_size"]
     offsets = options["position_offsets"]
@@ -358,6 +393,14 @@ def planned(kind: str, arrays: tuple, softmax_scale: float | None, causal: bool,
 
 def _forward(call: _Call, fast_key: tuple | None = None) -> tuple[Any, Any]:
     q = call.q
+    if call.on_host and call.fp8:
+        # The float64 reference on the dequantised inputs; out in the FP8 kernel's dtype.
+        out64, lse64 = reference.forward(
+            q.view, call.refs["k"].view, call.refs["v"].view, **call.reference_options(),
+            **{name: call.option_view(name) for name in _DESCALES},
+        )
+        out_dtype = _interop.BFLOAT16 if call.opts.out_dtype in (None, "bfloat16") else np.dtype(np.float16)
+        return _interop.to_caller(out64.astype(out_dtype), q), _interop.to_caller(lse64.astype(np.float32), q)
     if call.on_host:
         out64, lse64 = reference.forward(
             q.view, call.refs["k"].view, call.refs["v"].view, **call.reference_options()

@@ -134,6 +134,11 @@ def _host_view(obj: Any, library: str) -> np.ndarray:
 
         # NumPy's DLPack import has no bfloat16; reinterpret the bits instead (no copy).
         return obj.view(torch.int16).numpy().view(BFLOAT16)
+    if library == "torch" and str(obj.dtype) == "torch.float8_e4m3fn":
+        import torch
+
+        # Likewise float8 (NumPy's DLPack import has no float8): the bits as ml_dtypes'.
+        return obj.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
     try:
         return np.from_dlpack(obj)
     except (BufferError, TypeError, RuntimeError):

@@ -40,6 +40,12 @@ OPTION_NAMES = (
     "layout",
 )
 
+# Options of FP8 (float8_e4m3fn) inputs, taken by forward and attention only (FP8 has no
+# backward): each input's descale factor (x stands for x8 * x_descale; cuflash.fp8 gives
+# the shapes) and the output's dtype.
+FP8_OPTION_NAMES = ("q_descale", "k_descale", "v_descale", "out_dtype")
+FP8_OUT_DTYPES = ("bfloat16", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -67,6 +73,11 @@ class Options:
     max_seqlen_k: int | None = None
     deterministic: bool = False
     layout: str = "bshd"
+    # FP8 inputs: descales (None means 1) and the output dtype (None means bfloat16).
+    q_descale: Any = None
+    k_descale: Any = None
+    v_descale: Any = None
+    out_dtype: str | None = None
 
     @property
     def block_sparse_size(self) -> tuple[int, int] | None:
@@ -134,6 +145,8 @@ def option_errors(opts: Options) -> list[str]:
         if value is not None and (not _is_int(value) or value < 0):
             errors.append(f"{name}={value!r} must be a non-negative int or None")
     errors += _block_mask_errors(opts)
+    if opts.out_dtype is not None and opts.out_dtype not in FP8_OUT_DTYPES:
+        errors.append(f"out_dtype={opts.out_dtype!r} must be one of {FP8_OUT_DTYPES} or None (bfloat16)")
     if not isinstance(opts.causal, bool):
         errors.append(f"causal={opts.causal!r} must be a bool")
     if not isinstance(opts.deterministic, bool):
@@ -162,9 +175,9 @@ def _block_mask_errors(opts: Options) -> list[str]:
 def make_options(**kwargs: Any) -> Options:
     """Build Options from keyword arguments, converting the forgiving spellings
     (lists for window_size, numpy scalars) to their canonical types."""
-    unknown = sorted(set(kwargs) - set(OPTION_NAMES))
+    unknown = sorted(set(kwargs) - set(OPTION_NAMES) - set(FP8_OPTION_NAMES))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; the options are {list(OPTION_NAMES)}")
+        raise TypeError(f"unknown option(s) {unknown}; the options are {list(OPTION_NAMES + FP8_OPTION_NAMES)}")
     ws = kwargs.get("window_size", (-1, -1))
     if ws is None:
         ws = (-1, -1)
@@ -187,6 +200,8 @@ def make_options(**kwargs: Any) -> Options:
     if isinstance(bs, tuple) and all(_is_int(x) for x in bs):
         bs = tuple(int(x) for x in bs)
     kwargs["block_size"] = bs
+    if kwargs.get("out_dtype") is not None:
+        kwargs["out_dtype"] = _dtype_spelling(kwargs["out_dtype"])
     for name in ("softcap", "dropout_p"):
         if name in kwargs and kwargs[name] is None:
             kwargs[name] = 0.0
@@ -194,6 +209,22 @@ def make_options(**kwargs: Any) -> Options:
         if name in kwargs and _is_bool_like(kwargs[name]):
             kwargs[name] = bool(kwargs[name])
     return Options(**kwargs)
+
+
+def _dtype_spelling(dtype: Any) -> Any:
+    """out_dtype as a name ("bfloat16" for torch.bfloat16, jnp.bfloat16, ml_dtypes.bfloat16
+    or the string); anything else is kept as given, for option_errors to name."""
+    if isinstance(dtype, str):
+        return dtype
+    import numpy as np
+
+    name = str(dtype).removeprefix("torch.")
+    if name not in FP8_OUT_DTYPES:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            return dtype
+    return name if name in FP8_OUT_DTYPES else dtype
 
 
 def _is_int(x: Any) -> bool:

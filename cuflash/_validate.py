@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ._interop import BFLOAT16, ArrayRef, dtype_name
-from ._options import Options, make_options, option_errors
+from ._options import FP8_OPTION_NAMES, Options, make_options, option_errors
+from .fp8 import descale_errors, forward_only_reason, is_e4m3
 
 MAX_HEAD_DIM = 256
 MAX_SEQLEN = 2**30  # the kernels index rows with 32-bit ints (offsets are 64-bit)
@@ -74,8 +75,11 @@ def check(
     arrays: dict[str, ArrayRef],
     opts: Options,
     option_arrays: dict[str, ArrayRef],
+    fp8_forward: bool = False,
 ) -> Dims:
     """Validate `arrays` (q, k, v and for the backward dout, out, lse) and the options.
+    float8_e4m3fn q, k, v (with the FP8 options) are valid only where `fp8_forward` says
+    the entry point takes them (cuflash.forward and cuflash.attention on the host).
 
     Raises ValidationError listing every problem; returns the dimensions otherwise."""
     reasons = option_errors(opts)
@@ -106,8 +110,12 @@ def check(
     # dtypes: one supported floating dtype for q, k, v, dout, out.
     allowed = supported_dtypes(on_host)
     float_inputs = [a for n, a in arrays.items() if n != "lse"]
+    fp8 = any(is_e4m3(a.view) for a in (q, k, v))
     for a in float_inputs:
-        if _native(a.dtype) not in allowed:
+        if fp8 and is_e4m3(a.view):
+            if not fp8_forward:
+                reasons.append(forward_only_reason(a.name, dtype_name(a.dtype), where))
+        elif _native(a.dtype) not in allowed:
             where_ = "on the host" if on_host else "on the GPU"
             reasons.append(
                 f"{a.name}.dtype={dtype_name(a.dtype)} is not supported {where_} (supported: {_names(allowed)})"
@@ -191,11 +199,30 @@ def check(
     )
     _check_option_arrays(dims, opts, option_arrays, reasons)
     _check_rng_state(option_arrays, reasons)
+    _check_fp8(dims, opts, option_arrays, q, fp8 and fp8_forward, reasons)
     if "dout" in arrays:
         _check_backward(dims, arrays, reasons, on_host)
     if reasons:
         raise ValidationError(where, reasons, everything)
     return dims
+
+
+def _check_fp8(dims: Dims, opts: Options, option_arrays, q: ArrayRef, fp8: bool, reasons) -> None:
+    """The FP8 options: descale shapes and dtypes for FP8 inputs (cuflash.fp8), and none
+    of them for other inputs."""
+    given = [name for name in FP8_OPTION_NAMES if getattr(opts, name) is not None]
+    if not fp8:
+        if given:
+            reasons.append(f"{', '.join(given)} given with q.dtype={dtype_name(q.dtype)}: the FP8 options apply to "
+                           "float8_e4m3fn inputs (in cuflash.forward and cuflash.attention)")
+        return
+    for name, heads, seqlen in (("q_descale", dims.num_heads, dims.seqlen_q),
+                                ("k_descale", dims.num_heads_kv, dims.seqlen_k),
+                                ("v_descale", dims.num_heads_kv, dims.seqlen_k)):
+        ref = option_arrays.get(name)
+        if ref is not None:
+            reasons += descale_errors(name, ref.shape, dtype_name(ref.dtype), batch=dims.batch, heads=heads,
+                                      heads_kv=dims.num_heads_kv, seqlen=seqlen, varlen=dims.varlen)
 
 
 def _check_varlen(opts, option_arrays, total_q, total_k, reasons):
@@ -381,6 +408,9 @@ _SEQUENCE_KINDS = {
     "alibi_slopes": ("iuf", np.dtype(np.float32), "numbers"),
     "rng_state": ("iu", np.dtype(np.int64), "ints ([seed, offset])"),
     "block_mask": ("b", np.dtype(np.bool_), "bools (True = the block is computed)"),
+    "q_descale": ("iuf", np.dtype(np.float32), "numbers"),
+    "k_descale": ("iuf", np.dtype(np.float32), "numbers"),
+    "v_descale": ("iuf", np.dtype(np.float32), "numbers"),
 }
 
 

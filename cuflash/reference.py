@@ -68,6 +68,9 @@ _DEFAULTS: dict[str, Any] = dict(
     max_seqlen_k=None,
     layout="bshd",
     deterministic=False,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
 )
 
 
@@ -75,13 +78,16 @@ def forward(q, k, v, *, softmax_scale=None, causal=False, causal_alignment="bott
             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, bias=None, mask=None,
             block_mask=None, block_size=None, dropout_p=0.0, seed=None, rng_state=None, position_offsets=(0, 0), dropout_mask=None, dropout_offset=0,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-            layout="bshd", deterministic=False) -> tuple[np.ndarray, np.ndarray]:
+            layout="bshd", deterministic=False, q_descale=None, k_descale=None,
+            v_descale=None) -> tuple[np.ndarray, np.ndarray]:
     """Attention output and log-sum-exp, both float64.
 
     Shapes: layout "bshd": q (B, Nq, H, D), k/v (B, Nk, Hkv, D); "bhsd": q (B, H, Nq, D),
     k/v (B, Hkv, Nk, D); out has q's layout and lse is (B, H, Nq). Varlen (layout ignored):
     q (total_q, H, D), k/v (total_k, Hkv, D), out (total_q, H, D), lse (H, total_q).
     `deterministic` is accepted and ignored: the reference has no reduction order to fix.
+    float8_e4m3fn inputs stand for q * q_descale, k * k_descale, v * v_descale (None means
+    1; shapes in cuflash.fp8), dequantised exactly in float64.
     """
     options = {name: value for name, value in locals().items() if name not in ("q", "k", "v")}
     problem = _Problem.build(q, k, v, options)
@@ -417,6 +423,9 @@ class _Problem:
     @classmethod
     def build(cls, q, k, v, options, dout=None, out=None, lse=None) -> "_Problem":
         errors: list[str] = []
+        from .fp8 import is_e4m3
+
+        is_fp8 = any(is_e4m3(a) for a in (q, k, v))
         q, k, v = (_float64(a) for a in (q, k, v))
         opts = dict(options)
         scalar_opts = make_options(**{n: opts[n] for n in _SCALAR_OPTION_NAMES})
@@ -436,6 +445,9 @@ class _Problem:
         if errors:
             _raise(errors)
         batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim, value_dim = dims
+        q, k, v = _dequantized(q, k, v, opts, dims, varlen, is_fp8, dout is not None or out is not None, errors)
+        if errors:
+            _raise(errors)
         problem = cls(
             options=opts, varlen=varlen, q=q, k=k, v=v, batch=batch, heads=heads,
             heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k, value_dim=value_dim,
@@ -634,6 +646,35 @@ def _broadcast(name: str, array: np.ndarray, shape: tuple[int, ...], errors: lis
         errors.append(f"{name} has shape {array.shape}, which does not broadcast to "
                       f"(batch, heads, seqlen_q, seqlen_k) = {shape}")
         return None
+
+
+def _dequantized(q64, k64, v64, opts, dims, varlen: bool, is_fp8: bool, backward: bool, errors: list[str]):
+    """q, k, v times their descales (FP8 inputs; the float8 values are already exactly
+    float64). FP8 inputs have no backward, and descales belong to FP8 inputs."""
+    from . import fp8
+
+    descales = {name: opts.get(name) for name in ("q_descale", "k_descale", "v_descale")}
+    if not is_fp8 and all(d is None for d in descales.values()):
+        return q64, k64, v64
+    if backward:
+        errors.append("float8 inputs or descales in backward(): FP8 attention is forward-only")
+        return q64, k64, v64
+    batch, heads, heads_kv, seqlen_q, seqlen_k, _, _ = dims
+    lengths = {"q_descale": (heads, seqlen_q), "k_descale": (heads_kv, seqlen_k), "v_descale": (heads_kv, seqlen_k)}
+    arrays = {}
+    for name, value in descales.items():
+        if value is None:
+            continue
+        array = np.asarray(value)
+        own_heads, seqlen = lengths[name]
+        errors += fp8.descale_errors(name, array.shape, None, batch=batch, heads=own_heads, heads_kv=heads_kv,
+                                     seqlen=seqlen, varlen=varlen)
+        arrays[name] = array
+    if errors:
+        return q64, k64, v64
+    layout = "bshd" if varlen else opts["layout"]
+    return tuple(fp8.apply_descale(x, arrays.get(name), layout)
+                 for x, name in ((q64, "q_descale"), (k64, "k_descale"), (v64, "v_descale")))
 
 
 def _float64(a: Any) -> np.ndarray:

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 import cuflash
-from cuflash import _api, block_sparse
-from cuflash._validate import check_options, lists_valid_keywords
+from cuflash import _api, block_sparse, fp8
+from cuflash._validate import ValidationError, check_options, lists_valid_keywords
 
 __all__ = [
     "attention",
@@ -513,6 +513,9 @@ def _checked_options(where: str, renamed: dict[str, str] | None, **scalars: Any)
     return opts
 
 
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
 def _call(
     where: str, q: Tensor, k: Tensor, v: Tensor, *, bias=None, mask=None, alibi_slopes=None,
     cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0, seed=None, softmax_scale=None,
@@ -520,6 +523,10 @@ def _call(
     max_seqlen_q=None, max_seqlen_k=None, deterministic=False, layout="bshd", renamed=None,
     block_mask=None, block_size=None,
 ) -> tuple[Tensor, Tensor]:
+    if q.dtype is _FP8 or k.dtype is _FP8 or v.dtype is _FP8:
+        # Differentiable operators have no FP8 form: refused before the operators see it.
+        raise ValidationError(where, [fp8.forward_only_reason(n, str(t.dtype), where)
+                                      for n, t in (("q", q), ("k", k), ("v", v)) if t.dtype is _FP8], [])
     o = _checked_options(
         where, renamed, dropout_p=dropout_p, seed=seed, softmax_scale=softmax_scale, causal=causal,
         causal_alignment=causal_alignment, window_size=window_size, softcap=softcap,
