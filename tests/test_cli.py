@@ -3,6 +3,7 @@ say clearly what they cannot do on a machine without a GPU."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -225,3 +226,25 @@ def test_info_sends_a_volta_gpu_to_the_cuda12_extra_under_nvrtc_13(monkeypatch, 
     assert _cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert "not supported: NVRTC 13.0 cannot build for sm_70" in text and "cuflash[cuda12]" in text
+
+
+def test_compile_report_renders_the_compile_checks_json(tmp_path):
+    data = {
+        "flash_fwd_head_dim64_x": {"seconds": 1.0, "kernels": {"cuflash_fwd": {"registers": 200, "stack": 0,
+                                                                               "spill_stores": 0}}},
+        "flash_bwd_head_dim128_y": {"seconds": 2.0, "kernels": {"cuflash_bwd_dkdv": {"registers": 255, "stack": 40,
+                                                                                    "spill_stores": 24}}},
+        "flash_bwd_head_dim256_z": {"seconds": 3.0, "kernels": {"cuflash_bwd_dkdv": {"registers": 254, "stack": 8,
+                                                                                    "spill_stores": 8}}},
+    }
+    path = tmp_path / "compile-sm_75.json"
+    path.write_text(json.dumps(data))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "compile-report"
+    if not script.is_file():
+        pytest.skip("scripts/ is not part of an installed package")
+    res = subprocess.run([sys.executable, str(script), str(path), "--commit", "abc1234"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| compile-sm_75.json (sm_75) | 3 | 2 | 1 | 255 |" in res.stdout
+    assert "| flash_bwd_head_dim128_y | cuflash_bwd_dkdv | 255 | 40 | 24 **spills** |" in res.stdout
+    assert "commit abc1234" in res.stdout
