@@ -388,8 +388,9 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
                    rotary_dim, seqlen_ro)
 
 
-def _byte_span(a: ArrayRef) -> tuple[int, int]:
-    """[first, last] byte address an array can touch (any strides, negative included)."""
+def _byte_span(a: ArrayRef) -> tuple[int, int, bool]:
+    """(first, last) byte address an array's elements occupy (any strides, negative
+    included), and whether the elements fill that span with no gap (dense)."""
     view = a.view
     start = int(view.ctypes.data) if isinstance(view, np.ndarray) else int(view.data.ptr)
     low = high = start
@@ -397,22 +398,33 @@ def _byte_span(a: ArrayRef) -> tuple[int, int]:
         if n > 1:
             reach = (n - 1) * stride
             low, high = (low + reach, high) if reach < 0 else (low, high + reach)
-    return low, high + a.dtype.itemsize - 1
+    high += a.dtype.itemsize - 1
+    return low, high, high - low + 1 == view.size * a.dtype.itemsize
 
 
 def _aliasing_errors(r: dict[str, ArrayRef], reasons: list[str]) -> None:
     """Appending writes into k_cache and v_cache before the attention reads q, k, v and the
     caches: a cache sharing memory with the other cache or with q, k, v would be read
-    after (or while) it is overwritten, so the keys or the queries change under the call.
-    Byte ranges are compared, so interleaved views that never touch are also refused."""
+    after (or while) it is overwritten. Only certain overlaps are refused: the same first
+    element, or a dense array whose span holds the other's first or last element (both are
+    elements). Interleaved views that never touch (k_cache = kv[:, 0], v_cache = kv[:, 1])
+    stay allowed."""
     spans = {name: _byte_span(r[name]) for name in ("q", "k_cache", "v_cache", "k", "v") if r[name].view.size}
+
+    def overlap(a: tuple[int, int, bool], b: tuple[int, int, bool]) -> bool:
+        (lo, hi, dense), (olo, ohi, odense) = a, b
+        if not (lo <= ohi and olo <= hi):
+            return False
+        if lo == olo:
+            return True
+        ends_in = lambda x, y: y[0] <= x[0] <= y[1] or y[0] <= x[1] <= y[1]  # noqa: E731
+        return (dense and ends_in(b, a)) or (odense and ends_in(a, b))
+
     pairs = [("k_cache", "v_cache")] + [(cache, other) for cache in ("k_cache", "v_cache") for other in ("q", "k", "v")]
     for cache, other in pairs:
-        if cache in spans and other in spans:
-            (lo, hi), (olo, ohi) = spans[cache], spans[other]
-            if lo <= ohi and olo <= hi:
-                reasons.append(f"{other} shares memory with {cache}: appending k and v writes into the caches "
-                               f"in place, so {other} would be overwritten during the call; pass separate arrays")
+        if cache in spans and other in spans and overlap(spans[cache], spans[other]):
+            reasons.append(f"{other} shares memory with {cache}: appending k and v writes into the caches "
+                           f"in place, so {other} would be overwritten during the call; pass separate arrays")
 
 
 def _collision_errors(lens, seqlen_new: int, page_size: int, table, entries, reasons: list[str]) -> None:

@@ -515,6 +515,20 @@ def test_appending_refuses_inputs_that_share_memory_with_the_caches(alias):
     np.testing.assert_array_equal(vc, before_v)
 
 
+def test_interleaved_k_and_v_caches_of_one_buffer_are_allowed():
+    """k_cache = kv[:, :, 0] and v_cache = kv[:, :, 1] of one (batch, seqlen, 2, heads, d)
+    buffer: their byte spans overlap, their elements never do."""
+    rng = np.random.default_rng(8)
+    q, kc, vc, k, v = make(rng, batch=2, sq=1, h=2, hk=2, d=16, seqlen=32, sn=2)
+    kv = np.stack([kc, vc], axis=2)
+    lens = np.array([3, 9], np.int32)
+    got = cuflash.attention_with_kvcache(q, kv[:, :, 0], kv[:, :, 1], k, v, cache_seqlens=lens)
+    want = cuflash.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kv[:, :, 0], kc)  # both appended in place alike
+    np.testing.assert_array_equal(kv[:, :, 1], vc)
+
+
 def test_two_sequences_appending_to_one_row_are_refused_but_shared_prefixes_are_not():
     rng = np.random.default_rng(7)
     q, kc, vc, k, v = make(rng, batch=2, sq=1, h=2, hk=2, d=16, seqlen=32, sn=2)
