@@ -38,7 +38,7 @@ from . import _build, _interop, _params
 from ._decode_tiles import decode_variant
 from ._interop import BFLOAT16, ArrayRef, Device, InteropError, dtype_name
 from ._options import make_options, option_errors
-from ._validate import MAX_HEAD_DIM, ValidationError
+from ._validate import MAX_HEAD_DIM, ValidationError, lists_valid_keywords
 
 WHERE = "cuflash.attention_with_kvcache"
 PAGE_MULTIPLE = 16
@@ -199,8 +199,9 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
     opts = make_options(softmax_scale=scalars["softmax_scale"], causal=scalars["causal"],
                         window_size=scalars["window_size"], softcap=scalars["softcap"])
     reasons += option_errors(opts)
-    if not isinstance(scalars["rotary_interleaved"], (bool, np.bool_)):
-        reasons.append(f"rotary_interleaved={scalars['rotary_interleaved']!r} must be a bool")
+    for flag in ("rotary_interleaved", "return_lse"):
+        if not isinstance(scalars.get(flag, False), (bool, np.bool_)):
+            reasons.append(f"{flag}={scalars[flag]!r} must be a bool")
     num_splits = scalars["num_splits"]
     if not _is_int(num_splits) or not 0 <= num_splits <= MAX_SPLITS:
         reasons.append(f"num_splits={num_splits!r} must be an int in [0, {MAX_SPLITS}] (0: chosen from the GPU and the shape)")
@@ -224,7 +225,14 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
     paged = "block_table" in r
     n_entries, cache_rows, heads_kv, cache_dim = kc.shape
 
-    # dtypes
+    # dtypes (a big-endian array is reported as such, not as an unsupported dtype)
+    for name, a in r.items():
+        if not a.dtype.isnative:
+            native = a.dtype.newbyteorder("=")
+            reasons.append(f"{name}.dtype={a.dtype.str!r} is {dtype_name(native)} in non-native (big-endian) byte "
+                           f"order; cuflash reads the machine's byte order: pass {name}.astype({dtype_name(native)!r})")
+    if any(not a.dtype.isnative for a in r.values()):
+        raise ValidationError(WHERE, reasons, list(r.values()))
     floats = [a for a in (q, kc, vc, kn, vn) if a is not None]
     kernel_dtypes = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
     allowed = kernel_dtypes + ((np.dtype(np.float32), np.dtype(np.float64)) if on_host else ())
@@ -285,8 +293,8 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
         reasons.append(f"cache_seqlens must be an int or int32 of shape (batch={batch},); got shape={seqlens.shape} "
                        f"dtype={dtype_name(seqlens.dtype)}")
     const = scalars.get("seqlens_const")
-    if seqlens is None and (not _is_int(const) or const < 0):
-        reasons.append(f"cache_seqlens={const!r} must be a non-negative int or an int32 array of shape (batch,)")
+    if seqlens is None and (not _is_int(const) or not 0 <= const <= _MAX_INT):
+        reasons.append(f"cache_seqlens={const!r} must be a non-negative int (at most {_MAX_INT}) or an int32 array of shape (batch,)")
 
     # rotary
     rotary_dim = seqlen_ro = 0
@@ -304,7 +312,9 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
                 reasons.append(f"rotary_dim={rotary_dim} (2 * rotary_cos.shape[1]) must be in [2, head_dim={head_dim}]")
         rot_ok = (np.dtype(np.float32),) + ((q.dtype,) if q.dtype in kernel_dtypes else ())
         for a in (cos, sin):
-            if not on_host and a.dtype not in rot_ok:
+            if on_host and a.dtype.kind != "f" and a.dtype != BFLOAT16:
+                reasons.append(f"{a.name}.dtype={dtype_name(a.dtype)} must be a floating dtype")
+            elif not on_host and a.dtype not in rot_ok:
                 reasons.append(f"{a.name}.dtype={dtype_name(a.dtype)} must be q's dtype or float32")
 
     slopes = r.get("alibi_slopes")
@@ -313,6 +323,8 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
             reasons.append(f"alibi_slopes.shape={slopes.shape} must be (heads={heads},) or (batch={batch}, heads={heads})")
         if not on_host and slopes.dtype != np.float32:
             reasons.append(f"alibi_slopes.dtype={dtype_name(slopes.dtype)} must be float32")
+        elif on_host and slopes.dtype.kind != "f":
+            reasons.append(f"alibi_slopes.dtype={dtype_name(slopes.dtype)} must be float32 or float64")
 
     # memory layout: unit last stride; 16-byte rows on the GPU
     for name, a in r.items():
@@ -328,8 +340,10 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
                                f"{vector} elements; got strides={a.strides}")
 
     # values held on the host
+    if kn is not None and kn.view.size:
+        _aliasing_errors(r, reasons)
     lens = _host_values(seqlens)
-    if seqlens is None and _is_int(const):
+    if seqlens is None and _is_int(const) and 0 <= const <= _MAX_INT:
         lens = np.full(batch, int(const), np.int64)
     if lens is not None and lens.shape == (batch,):
         lens = lens.astype(np.int64)
@@ -361,6 +375,9 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
                     j = int(np.argmax(bad))
                     reasons.append(f"block_table[{b}, {j}]={int(used[j])} is not a page of k_cache (num_pages={n_entries})")
                     break
+        if seqlen_new and not reasons:
+            _collision_errors(lens, seqlen_new, page_size, table if paged else None,
+                              None if paged else _host_values(r.get("cache_batch_idx")), reasons)
     idx = _host_values(r.get("cache_batch_idx"))
     if idx is not None and idx.shape == (batch,) and ((idx < 0) | (idx >= n_entries)).any():
         b = int(np.argmax((idx < 0) | (idx >= n_entries)))
@@ -369,6 +386,68 @@ def check(refs: dict[str, ArrayRef], scalars: dict[str, Any], on_host: bool) -> 
         raise ValidationError(WHERE, reasons, list(r.values()))
     return Problem(batch, seqlen_q, heads, heads_kv, head_dim, seqlen_new, capacity, page_size, n_entries,
                    rotary_dim, seqlen_ro)
+
+
+def _byte_span(a: ArrayRef) -> tuple[int, int, bool]:
+    """(first, last) byte address an array's elements occupy (any strides, negative
+    included), and whether the elements fill that span with no gap (dense)."""
+    view = a.view
+    start = int(view.ctypes.data) if isinstance(view, np.ndarray) else int(view.data.ptr)
+    low = high = start
+    for n, stride in zip(a.shape, view.strides):
+        if n > 1:
+            reach = (n - 1) * stride
+            low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    high += a.dtype.itemsize - 1
+    return low, high, high - low + 1 == view.size * a.dtype.itemsize
+
+
+def _aliasing_errors(r: dict[str, ArrayRef], reasons: list[str]) -> None:
+    """Appending writes into k_cache and v_cache before the attention reads q, k, v and the
+    caches: a cache sharing memory with the other cache or with q, k, v would be read
+    after (or while) it is overwritten. Only certain overlaps are refused: the same first
+    element, or a dense array whose span holds the other's first or last element (both are
+    elements). Interleaved views that never touch (k_cache = kv[:, 0], v_cache = kv[:, 1])
+    stay allowed."""
+    spans = {name: _byte_span(r[name]) for name in ("q", "k_cache", "v_cache", "k", "v") if r[name].view.size}
+
+    def overlap(a: tuple[int, int, bool], b: tuple[int, int, bool]) -> bool:
+        (lo, hi, dense), (olo, ohi, odense) = a, b
+        if not (lo <= ohi and olo <= hi):
+            return False
+        if lo == olo:
+            return True
+        ends_in = lambda x, y: y[0] <= x[0] <= y[1] or y[0] <= x[1] <= y[1]  # noqa: E731
+        return (dense and ends_in(b, a)) or (odense and ends_in(a, b))
+
+    pairs = [("k_cache", "v_cache")] + [(cache, other) for cache in ("k_cache", "v_cache") for other in ("q", "k", "v")]
+    for cache, other in pairs:
+        if cache in spans and other in spans and overlap(spans[cache], spans[other]):
+            reasons.append(f"{other} shares memory with {cache}: appending k and v writes into the caches "
+                           f"in place, so {other} would be overwritten during the call; pass separate arrays")
+
+
+def _collision_errors(lens, seqlen_new: int, page_size: int, table, entries, reasons: list[str]) -> None:
+    """Two sequences appending to the same cache row (a page or a cache_batch_idx entry
+    shared by both) race on the GPU; only the written rows are compared, so sequences
+    that share read-only prefix pages stay allowed."""
+    batch = lens.shape[0]
+    if table is None and entries is None:
+        return
+    owner: dict[tuple[int, int], int] = {}
+    for b in range(batch):
+        rows = int(lens[b]) + np.arange(seqlen_new)
+        if table is not None:
+            slots = zip(table[b, rows // page_size].tolist(), (rows % page_size).tolist())
+        else:
+            slots = ((int(entries[b]), int(row)) for row in rows)
+        for slot in slots:
+            first = owner.setdefault(slot, b)
+            if first != b:
+                where = f"page {slot[0]}" if table is not None else f"cache entry {slot[0]} (cache_batch_idx)"
+                reasons.append(f"sequences {first} and {b} both append to row {slot[1]} of {where}: "
+                               "each appended row must belong to one sequence")
+                return
 
 
 # ---- the device path ------------------------------------------------------------------------
@@ -654,6 +733,7 @@ def _run_cached(key: tuple, arrays: dict[str, Any], seqlens_const: int) -> tuple
 # ---- the API ---------------------------------------------------------------------------------
 
 
+@lists_valid_keywords(WHERE)
 def attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -686,18 +766,28 @@ def attention_with_kvcache(
     need a sync): the kernels clamp them to the cache, so a bad value gives wrong
     attention for that sequence but never a read or write outside the cache, and an
     append past the capacity is dropped."""
+    if window_size is None:
+        window_size = (-1, -1)
     window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
-    seqlens_const = cache_seqlens if _is_int(cache_seqlens) else None
+    # A Python or NumPy scalar is a length shared by every sequence (an int, judged by check
+    # with the others); anything else is an array.
+    scalar = cache_seqlens is not None and not hasattr(cache_seqlens, "shape") and not isinstance(
+        cache_seqlens, (list, tuple)) or isinstance(cache_seqlens, np.generic)
+    seqlens_const = cache_seqlens if scalar else None
     arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table,
                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos,
                   rotary_sin=rotary_sin, alibi_slopes=alibi_slopes)
     if seqlens_const is None:
         arrays["cache_seqlens"] = cache_seqlens
     scalars = dict(softmax_scale=softmax_scale, causal=causal, window_size=window, softcap=softcap,
-                   rotary_interleaved=rotary_interleaved, num_splits=num_splits, seqlens_const=seqlens_const)
-    key_scalars = (softmax_scale, causal, window, softcap, rotary_interleaved, num_splits, seqlens_const is None)
+                   rotary_interleaved=rotary_interleaved, num_splits=num_splits, seqlens_const=seqlens_const,
+                   return_lse=return_lse)
+    # return_lse is part of the key so that a cached plan is only reused for a value the
+    # full path has judged.
+    key_scalars = (softmax_scale, causal, window, softcap, rotary_interleaved, num_splits, seqlens_const is None,
+                   return_lse)
     key = _fast_signature(arrays, key_scalars)
-    if key is not None:
+    if key is not None and (seqlens_const is None or _is_int(seqlens_const)):
         done = _run_cached(key, arrays, 0 if seqlens_const is None else int(seqlens_const))
         if done is not None:
             return done if return_lse else done[0]
@@ -759,12 +849,16 @@ def _host_path(refs: dict[str, ArrayRef], prob: Problem, scalars: dict[str, Any]
     q = refs["q"]
     lens = view.get("cache_seqlens", scalars["seqlens_const"])
     storage = None if q.dtype == np.float64 else q.dtype
+    # A window side wider than every key distance is unbounded (the device path's rule);
+    # it keeps the reference's index arithmetic within int64 for windows given as 2**70.
+    span = prob.seqlen_q + prob.capacity
+    window = tuple(-1 if w > span else int(w) for w in scalars["window_size"])
     out, lse, kc, vc = reference(
         view["q"], view["k_cache"], view["v_cache"], view.get("k"), view.get("v"), cache_seqlens=lens,
         block_table=view.get("block_table"), cache_batch_idx=view.get("cache_batch_idx"),
         cache_leftpad=view.get("cache_leftpad"), rotary_cos=view.get("rotary_cos"), rotary_sin=view.get("rotary_sin"),
         rotary_interleaved=bool(scalars["rotary_interleaved"]), softmax_scale=scalars["softmax_scale"],
-        causal=scalars["causal"], window_size=scalars["window_size"], softcap=scalars["softcap"],
+        causal=scalars["causal"], window_size=window, softcap=scalars["softcap"],
         alibi_slopes=view.get("alibi_slopes"), storage_dtype=storage,
     )
     if prob.seqlen_new and "k" in refs:

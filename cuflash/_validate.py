@@ -323,6 +323,8 @@ def _check_block_mask(dims: Dims, opts: Options, option_arrays, reasons) -> None
     a compact BlockSparse whose int32 lists have exactly those block counts."""
     from .block_sparse import block_size_errors
 
+    if opts.block_mask is not None and not hasattr(opts.block_mask, "kv_index") and block_size_errors(opts.block_size):
+        return  # not a pair (block_size=128): option_errors names it; block_sparse_size cannot read it
     size = opts.block_sparse_size
     if opts.block_mask is None or block_size_errors(size):
         return  # option_errors has named the block size problem

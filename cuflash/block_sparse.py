@@ -68,6 +68,17 @@ class BlockSparse:
     q_index: Any
     verified: bool = dataclasses.field(default=False, repr=False)
 
+    def __post_init__(self) -> None:
+        errors = block_size_errors(self.block_size)
+        for name, value in self.arrays().items():
+            # Only plain sequences are refused: internal constructions carry stand-ins
+            # (device pointers, JAX pytree leaves) that are not arrays either.
+            if isinstance(value, (list, tuple)):
+                errors.append(f"{name} given as a {type(value).__name__} must be an int32 array (NumPy, CuPy, "
+                              "PyTorch or JAX)")
+        if errors:
+            raise ValueError("cuflash.block_sparse.BlockSparse: " + "; ".join(errors))
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(Bm, Hm, query blocks, key blocks) of the block mask this describes."""

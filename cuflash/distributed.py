@@ -88,6 +88,11 @@ _KV_TAG, _DKV_TAG = 17, 18  # gloo matches messages by tag; NCCL ignores tags
 
 
 def _check_split(where: str, x: Tensor, dim: int, world: int, parts: int, rank: int | None = None) -> int:
+    for name, value in (("world", world), ("rank", rank), ("dim", dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where}: {name}={value!r} must be an int")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{where}: dim={dim} is out of range for x of shape {tuple(x.shape)}")
     if world < 1:
         raise ValueError(f"{where}: world={world!r} must be >= 1")
     if rank is not None and not 0 <= rank < world:
@@ -582,7 +587,9 @@ def ring_attention(
     Collective: every rank of the group must call it with equal chunk shapes and options."""
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    window = tuple(window_size) if window_size is not None else (-1, -1)
+    # A list becomes a tuple; anything else goes to the core's check as given (tuple(5)
+    # would raise an unrelated TypeError).
+    window = (-1, -1) if window_size is None else tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
     if sharding is None:
         sharding = "zigzag" if placement == "zigzag" else "contiguous"
     options = dict(softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,

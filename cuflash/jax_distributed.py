@@ -44,6 +44,7 @@ import cuflash
 
 from . import _cp_plan
 from . import jax as cfj
+from ._validate import check_options
 
 __all__ = ["ring_attention", "ring_attention_shard", "zigzag_shard", "zigzag_unshard", "PLACEMENTS"]
 
@@ -55,6 +56,8 @@ _WHERE = "cuflash.jax_distributed.ring_attention"
 
 
 def _chunks(x, world: int, dim: int, where: str):
+    if isinstance(world, bool) or not isinstance(world, (int, np.integer)):
+        raise ValueError(f"{where}: world={world!r} must be an int >= 1")
     if world < 1:
         raise ValueError(f"{where}: world={world!r} must be >= 1")
     if x.shape[dim] % (2 * world):
@@ -285,7 +288,13 @@ def _setup(where, q, k, v, axis_name, world, placement, sharding, alibi_slopes, 
     return _Setup(axis_name, world, placement, sharding, tuple(sorted(options.items())), ring, gathered_calls)
 
 
-def _options(softmax_scale, causal, window_size, softcap, dropout_p, seed, deterministic) -> dict:
+def _options(softmax_scale, causal, window_size, softcap, dropout_p, seed, deterministic,
+             causal_alignment="bottom_right") -> dict:
+    # Judged by the core's rules before any conversion (float("a"), bool("no") and
+    # int(-1.9) would otherwise raise an unrelated error or run another option).
+    check_options(_WHERE, softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
+                  window_size=window_size, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                  deterministic=deterministic)
     return dict(softmax_scale=None if softmax_scale is None else float(softmax_scale), causal=bool(causal),
                 window_size=tuple(int(w) for w in (window_size if window_size is not None else (-1, -1))),
                 softcap=float(softcap or 0.0), dropout_p=float(dropout_p or 0.0),
@@ -306,7 +315,7 @@ def ring_attention_shard(
     what they mean for cuflash.jax.attention over the whole sequence; causal_alignment
     makes no difference (query and key sequences are the same)."""
     world = lax.axis_size(axis_name)
-    options = _options(softmax_scale, causal, window_size, softcap, dropout_p, seed, deterministic)
+    options = _options(softmax_scale, causal, window_size, softcap, dropout_p, seed, deterministic, causal_alignment)
     setup = _setup(_WHERE, q, k, v, axis_name, world, placement, sharding, alibi_slopes, options)
     alibi = None if alibi_slopes is None else lax.stop_gradient(jnp.asarray(alibi_slopes, jnp.float32))
     out, lse = _context_parallel(setup, q, k, v, alibi)
@@ -316,7 +325,9 @@ def ring_attention_shard(
 
 def _place(x, mesh, spec):
     sharding = jax.sharding.NamedSharding(mesh, spec)
-    if hasattr(jax, "reshard"):
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if hasattr(jax, "reshard") and explicit is not None and all(
+            t == explicit for t in getattr(mesh, "axis_types", ())):
         return jax.reshard(x, sharding)
     return lax.with_sharding_constraint(x, sharding)
 
@@ -331,6 +342,12 @@ def ring_attention(
     sequence split over mesh axis `axis_name` (other mesh axes replicate). For
     placement="zigzag" (or sharding="zigzag") the arrays must be in zigzag_shard order,
     and so is the result. Returns out (q's shape, same sharding), or (out, lse)."""
+    if axis_name not in mesh.shape:
+        raise ValueError(f"{_WHERE}: axis_name={axis_name!r} must be one of the mesh's axes {tuple(mesh.shape)}")
+    _options(softmax_scale, causal, window_size, softcap, dropout_p, seed, deterministic, causal_alignment)
+    if any(np.ndim(x) != 4 for x in (q, k, v)):
+        raise ValueError(f"{_WHERE}: q, k, v must be 4-D (batch, seqlen, heads, head_dim); got shapes "
+                         f"{np.shape(q)}, {np.shape(k)}, {np.shape(v)}")
     world = mesh.shape[axis_name]
     if np.shape(q)[1] % world:
         raise ValueError(f"{_WHERE}: the sequence length q.shape[1]={np.shape(q)[1]} must be a multiple of the "

@@ -813,6 +813,7 @@ def flash_attn_varlen_func(
 # break).
 
 
+@lists_valid_keywords("cuflash.torch.flash_attn_with_kvcache")
 def flash_attn_with_kvcache(
     q,
     k_cache,
@@ -844,21 +845,22 @@ def flash_attn_with_kvcache(
     given. cache_seqlens=None means every cache row is in use (and k, v cannot be given).
     Returns out, or (out, softmax_lse) with softmax_lse float32 (batch, heads, seqlen_q),
     -inf on rows with no key (FlashAttention-2 reports +inf there)."""
-    from ._kvcache import attention_with_kvcache
+    from ._kvcache import WHERE, attention_with_kvcache
 
+    # The options go to the core unchanged, so that it judges them by its own rules (a
+    # bool(causal) here would turn causal="no" into True).
     if cache_seqlens is None:
         if k is not None:
-            raise ValueError("flash_attn_with_kvcache: cache_seqlens=None with new keys k: give cache_seqlens, "
-                             "the rows where k and v are appended")
+            raise ValidationError(WHERE, ["cache_seqlens=None with new keys k: give cache_seqlens, the rows where "
+                                          "k and v are appended"], [])
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    result = attention_with_kvcache(
+    return attention_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=bool(rotary_interleaved), num_splits=int(num_splits), return_lse=return_softmax_lse,
-        softmax_scale=softmax_scale, causal=bool(causal), window_size=(-1, -1) if window_size is None else window_size,
-        softcap=float(softcap or 0.0), alibi_slopes=alibi_slopes,
+        rotary_interleaved=rotary_interleaved, num_splits=num_splits, return_lse=return_softmax_lse,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
-    return result
 
 
 __all__ += ["flash_attn_with_kvcache"]

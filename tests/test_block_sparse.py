@@ -365,3 +365,19 @@ def test_params_record_carries_the_lists_and_block_size():
         1, 4, 2, 1, 64, 128]
     dense = _params.fill(dataclasses.replace(views, block_sparse=None), make_options(), dims).pack()
     assert int(dense["bs_kv_index"]) == 0 and int(dense["bs_block_q"]) == 0
+
+
+def test_a_block_size_that_is_not_a_pair_is_named_not_a_crash():
+    q = np.zeros((1, 256, 2, 16))
+    with pytest.raises(cuflash.ValidationError, match=r"block_size=128 must be a pair of ints"):
+        cuflash.attention(q, q, q, block_mask=np.ones((2, 2), bool), block_size=128)
+
+
+def test_block_sparse_lists_given_as_python_lists_are_named():
+    from cuflash.block_sparse import BlockSparse
+
+    index = np.zeros((1, 1, 2, 2), np.int32)
+    with pytest.raises(ValueError, match=r"kv_count given as a list must be an int32 array"):
+        BlockSparse((128, 128), [[[2, 2]]], index, np.zeros((1, 1, 2), np.int32), index)
+    with pytest.raises(ValueError, match=r"block_size=\(100, 128\)"):
+        BlockSparse((100, 128), np.zeros((1, 1, 2), np.int32), index, np.zeros((1, 1, 2), np.int32), index)

@@ -462,3 +462,109 @@ def test_decode_variants_for_small_shared_memory_parts_compile():
     assert not done.failures, "\n".join(done.failures)
     for tag, entry in done.report.items():
         assert entry["kernels"] and all(k["spill_stores"] == 0 for k in entry["kernels"].values()), (tag, entry)
+
+
+# ---- bad input a demanding user gives ------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(cache_seqlens=2**70), r"cache_seqlens=1180591620717411303424 must be a non-negative int"),
+    (dict(cache_seqlens=3.0), r"cache_seqlens=3.0 must be"),
+    (dict(cache_seqlens=True), r"cache_seqlens=True must be"),
+    (dict(return_lse="no"), r"return_lse='no' must be a bool"),
+    (dict(return_lse=1), r"return_lse=1 must be a bool"),
+    (dict(q=np.zeros((2, 1, 4, 16), ">f8")), r"q.dtype='>f8' is float64 in non-native \(big-endian\) byte order"),
+    (dict(alibi_slopes=np.ones(4, np.int32)), r"alibi_slopes.dtype=int32 must be float32 or float64"),
+])
+def test_scalars_and_dtypes_are_judged_not_converted(changes, match):
+    _bad(match, **changes)
+
+
+def test_integer_rotary_tables_are_refused_on_the_host_as_on_the_gpu():
+    cos = np.ones((64, 4), np.int32)
+    _bad(r"rotary_cos.dtype=int32 must be a floating dtype", rotary_cos=cos, rotary_sin=cos)
+
+
+def test_window_none_is_unbounded_and_a_huge_window_equals_an_unbounded_one():
+    rng = np.random.default_rng(5)
+    q, kc, vc, _, _ = make(rng, batch=2, sq=2, h=4, hk=2, d=16, seqlen=32, sn=None)
+    lens = np.array([7, 30], np.int32)
+    want = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, window_size=(-1, -1))
+    for window in (None, (2**70, 2**70)):
+        got = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, window_size=window)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("alias", ["k_cache_is_v_cache", "q_in_k_cache", "k_in_k_cache", "v_in_v_cache"])
+def test_appending_refuses_inputs_that_share_memory_with_the_caches(alias):
+    rng = np.random.default_rng(6)
+    q, kc, vc, k, v = make(rng, batch=2, sq=1, h=2, hk=2, d=16, seqlen=32, sn=2)
+    args = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v)
+    if alias == "k_cache_is_v_cache":
+        args["v_cache"], match = kc, "v_cache shares memory with k_cache"
+    elif alias == "q_in_k_cache":
+        args["q"], match = kc[:, 20:21], "q shares memory with k_cache"
+    elif alias == "k_in_k_cache":
+        args["k"], match = kc[:, 3:5], "k shares memory with k_cache"
+    else:
+        args["v"], match = vc[:, 4:6], "v shares memory with v_cache"
+    before_k, before_v = kc.copy(), vc.copy()
+    with pytest.raises(cuflash.ValidationError, match=match):
+        cuflash.attention_with_kvcache(**args, cache_seqlens=np.array([3, 4], np.int32))
+    np.testing.assert_array_equal(kc, before_k)  # nothing written before the error
+    np.testing.assert_array_equal(vc, before_v)
+
+
+def test_interleaved_k_and_v_caches_of_one_buffer_are_allowed():
+    """k_cache = kv[:, :, 0] and v_cache = kv[:, :, 1] of one (batch, seqlen, 2, heads, d)
+    buffer: their byte spans overlap, their elements never do."""
+    rng = np.random.default_rng(8)
+    q, kc, vc, k, v = make(rng, batch=2, sq=1, h=2, hk=2, d=16, seqlen=32, sn=2)
+    kv = np.stack([kc, vc], axis=2)
+    lens = np.array([3, 9], np.int32)
+    got = cuflash.attention_with_kvcache(q, kv[:, :, 0], kv[:, :, 1], k, v, cache_seqlens=lens)
+    want = cuflash.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kv[:, :, 0], kc)  # both appended in place alike
+    np.testing.assert_array_equal(kv[:, :, 1], vc)
+
+
+def test_two_sequences_appending_to_one_row_are_refused_but_shared_prefixes_are_not():
+    rng = np.random.default_rng(7)
+    q, kc, vc, k, v = make(rng, batch=2, sq=1, h=2, hk=2, d=16, seqlen=32, sn=2)
+    pool_k, pool_v = rng.standard_normal((3, 32, 2, 16)), rng.standard_normal((3, 32, 2, 16))
+    _bad(r"sequences 0 and 1 both append to row 5 of cache entry 1 \(cache_batch_idx\)", k_cache=pool_k,
+         v_cache=pool_v, cache_batch_idx=np.array([1, 1], np.int32), cache_seqlens=np.array([5, 5], np.int32))
+    # One entry, disjoint rows: allowed.
+    cuflash.attention_with_kvcache(q, pool_k, pool_v, k, v, cache_seqlens=np.array([3, 10], np.int32),
+                                   cache_batch_idx=np.array([1, 1], np.int32))
+    pk, pv = rng.standard_normal((7, 16, 2, 16)), rng.standard_normal((7, 16, 2, 16))
+    shared_last = np.array([[0, 1, 2], [3, 4, 2]], np.int32)
+    _bad(r"sequences 0 and 1 both append to row 3 of page 2", k_cache=pk, v_cache=pv, block_table=shared_last,
+         cache_seqlens=np.array([35, 35], np.int32))
+    # A shared read-only prefix page (page 0) while each appends to its own page: allowed.
+    shared_prefix = np.array([[0, 1, 2], [0, 4, 5]], np.int32)
+    cuflash.attention_with_kvcache(q, pk, pv, k, v, cache_seqlens=np.array([20, 20], np.int32),
+                                   block_table=shared_prefix)
+
+
+def test_torch_drop_in_passes_options_to_the_core_unchanged():
+    torch = pytest.importorskip("torch")
+    from cuflash.torch import flash_attn_with_kvcache
+
+    rng = np.random.default_rng(9)
+    q, kc, vc, k, v = (torch.from_numpy(a) for a in make(rng, batch=2, sq=1, h=4, hk=2, d=16, seqlen=32, sn=1))
+    lens = torch.tensor([4, 7], dtype=torch.int32)
+    for changes, match in ((dict(causal="no"), r"causal='no' must be a bool"),
+                           (dict(softcap="1"), r"softcap='1' must be"),
+                           (dict(num_splits=2.7), r"num_splits=2.7 must be an int"),
+                           (dict(num_splits=True), r"num_splits=True must be an int"),
+                           (dict(rotary_interleaved="no"), r"rotary_interleaved='no' must be a bool"),
+                           (dict(return_softmax_lse="no"), r"return_lse='no' must be a bool"),
+                           (dict(cache_seqlens=None), r"cache_seqlens=None with new keys k")):
+        kc0 = kc.clone()
+        with pytest.raises(cuflash.ValidationError, match=match):
+            flash_attn_with_kvcache(q, kc, vc, k, v, **{"cache_seqlens": lens, **changes})
+        assert torch.equal(kc, kc0)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['foo'\]; it takes \[.*'cache_seqlens'"):
+        flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, foo=1)
