@@ -386,9 +386,23 @@ def _round_e4m3(x: np.ndarray) -> np.ndarray:
     return x.astype(_e4m3_numpy()).astype(np.float32)
 
 
+# How the emulation rounds P before the P V product (`emulate_forward`'s p_mode):
+#   "e4m3"         e4m3(256 P): the kernel's choice, a fixed power-of-two scale
+#   "e4m3_rowmax"  e4m3(P * 448 / r), r the row's largest P in the key tile, and the
+#                  product times r / 448: one more multiply per row and tile, and P values
+#                  far below the running max (a tile whose scores are all small) stay in
+#                  e4m3's normal range instead of flushing to zero
+#   "bf16", "fp16" P in a 16-bit type (an FP8 kernel cannot feed that to an e4m3 MMA: a
+#                  bound on how much of the error is P's, and the "standard attention"
+#                  baseline whose softmax output is fp16)
+#   "fp32"         P unrounded
+P_MODES = ("e4m3", "e4m3_rowmax", "bf16", "fp16", "fp32")
+
+
 def emulate_forward(q8, k8, v8, q_descale, k_descale, v_descale, *, softmax_scale: float | None = None,
                     causal: bool = False, layout: str = "bshd", block_size: int = BLOCK_ROWS,
-                    block_n: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+                    block_n: int = BLOCK_ROWS, p_mode: str = "e4m3", v_block_size: int | None = None,
+                    v_channel_descale: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The FP8 forward kernel's arithmetic in NumPy: returns (out, lse) as float64 arrays
     holding what the kernel's float32 accumulators would hold (out before its final
     rounding to bf16/fp16).
@@ -402,7 +416,23 @@ def emulate_forward(q8, k8, v8, q_descale, k_descale, v_descale, *, softmax_scal
       O = alpha O + v_descale * (e4m3(P_SCALE * P) v8)                     (fp32)
     and out = O / l, lse = m + log(l / P_SCALE). A per-key-block v_descale costs the kernel
     nothing: it folds into the alpha rescale it does anyway. causal is bottom-right aligned
-    (FlashAttention's); rows with no allowed key give out 0 and lse -inf."""
+    (FlashAttention's); rows with no allowed key give out 0 and lse -inf.
+
+    Options for accuracy studies of other kernel designs:
+      p_mode             how P is rounded for the P V product (P_MODES above); l always
+                         sums the unrounded P.
+      v_block_size       rows per block of a per-block v_descale when it differs from
+                         block_size (q's and k's). A block finer than block_n costs the
+                         kernel a scaling of P's columns before the product; the
+                         emulation scales P exactly, in fp32.
+      v_channel_descale  (batch, heads_kv, head_dim) float32: one more factor per column
+                         of v, applied to out's columns (the kernel's epilogue: free).
+    Per-row q and k scales are block_size=1 (`quantize(x, "block", block_size=1)`): a
+    query row's scale folds into the softmax scale the kernel applies per row, a key
+    row's costs one multiply per score."""
+    if p_mode not in P_MODES:
+        raise ValueError(f"p_mode={p_mode!r} must be one of {P_MODES}")
+    v_block_size = block_size if v_block_size is None else _check_block_size(v_block_size)
     e4m3 = _e4m3_numpy()
     for name, a in (("q8", q8), ("k8", k8), ("v8", v8)):
         if not isinstance(a, np.ndarray) or a.dtype != e4m3 or a.ndim != 4:
@@ -422,7 +452,7 @@ def emulate_forward(q8, k8, v8, q_descale, k_descale, v_descale, *, softmax_scal
     group = heads // heads_kv
     k = np.repeat(k, group, axis=1)
     v_raw = np.repeat(v_raw, group, axis=1)
-    v_rows = _value_descale_rows(v_desc, batch, heads_kv, seqlen_k, block_size)
+    v_rows = _value_descale_rows(v_desc, batch, heads_kv, seqlen_k, v_block_size)
     v_rows = np.repeat(v_rows, group, axis=1)  # (batch, heads, seqlen_k)
     scale = np.float32(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim))
     m = np.full((batch, heads, seqlen_q), -np.inf, np.float32)
@@ -440,18 +470,49 @@ def emulate_forward(q8, k8, v8, q_descale, k_descale, v_descale, *, softmax_scal
         alpha = np.exp(m - m_safe)
         p = np.exp(s - m_safe[..., None])
         l = alpha * l + (P_SCALE * p).sum(axis=-1, dtype=np.float32)
-        p8 = _round_e4m3(np.float32(P_SCALE) * p)
+        p8, unscale = _round_p(p, p_mode)
         # Exact per-key scaling of V here equals the kernel's per-tile one when the key
-        # tile nests in the descale block (block_n divides block_size).
+        # tile nests in the descale block (block_n divides v_block_size).
         pv = np.matmul(p8 * v_rows[:, :, None, cols], v_raw[:, :, cols])
+        if unscale is not None:
+            pv = pv * unscale[..., None]
         o = alpha[..., None] * o + pv
         m = m_new
+    if v_channel_descale is not None:
+        channel = np.asarray(v_channel_descale, np.float32)
+        if channel.shape != (batch, heads_kv, dim):
+            raise ValueError(f"v_channel_descale shape {channel.shape} must be (batch, heads_kv, head_dim) = "
+                             f"{(batch, heads_kv, dim)}")
+        o = o * np.repeat(channel, group, axis=1)[:, :, None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(l[..., None] > 0, o / l[..., None], 0.0).astype(np.float64)
         lse = np.where(l > 0, m.astype(np.float64) + np.log(l.astype(np.float64) / P_SCALE), -np.inf)
     if layout == "bshd":
         out = out.transpose(0, 2, 1, 3)
     return out, lse
+
+
+def _round_p(p: np.ndarray, p_mode: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """P (fp32, in [0, 1]) as the P V product sees it, in units of P_SCALE * P, and the
+    per-row factor the product is multiplied by afterwards (None: 1)."""
+    scaled = np.float32(P_SCALE) * p  # exact: a power of two
+    if p_mode == "e4m3":
+        return _round_e4m3(scaled), None
+    if p_mode == "e4m3_rowmax":
+        # The row's largest P in this tile maps to 448 (all of e4m3's range); a row with
+        # none (masked, or underflowed to 0) keeps 256.
+        rowmax = p.max(axis=-1)
+        up = np.where(rowmax > 0, np.float32(E4M3_MAX) / np.where(rowmax > 0, rowmax, 1), np.float32(P_SCALE))
+        up = up.astype(np.float32)
+        p8 = _round_e4m3(np.minimum(p * up[..., None], np.float32(E4M3_MAX)))
+        return p8, (np.float32(P_SCALE) / up).astype(np.float32)
+    if p_mode == "bf16":
+        import ml_dtypes
+
+        return scaled.astype(ml_dtypes.bfloat16).astype(np.float32), None
+    if p_mode == "fp16":
+        return scaled.astype(np.float16).astype(np.float32), None
+    return scaled, None
 
 
 def _value_descale_rows(v_desc: np.ndarray, batch: int, heads_kv: int, seqlen_k: int, block_size: int) -> np.ndarray:

@@ -405,3 +405,111 @@ def test_emulated_fp8_forward_error_is_within_its_derived_bound(seed, seqlen_q, 
     assert np.all(err <= bound), f"worst error / bound: {np.max(err / np.where(bound > 0, bound, 1)):.3f}"
     no_key = ~allowed.any(-1)
     assert np.all(lse[no_key] == -np.inf) and np.all(out.transpose(0, 2, 1, 3)[no_key] == 0)
+
+
+# P's rounding per p_mode: (relative bound on a P that stays normal, absolute bound below,
+# both in units of the row's running max, where P <= 1). e4m3 as 256 P: 2**-4, and half the
+# subnormal spacing 2**-10 over 256. e4m3_rowmax: the tile's largest P r maps to 448, so
+# below the normal range the rounding is 2**-10 r / 448 <= 2**-10 / 448. bf16: 2**-8 (its
+# range covers fp32's, and exp of an fp32 argument stays far above bf16's smallest normal
+# divided by 256 except where it underflows to 0 in fp32 already). fp16: 2**-11, and half
+# of fp16's subnormal spacing 2**-24, over 256. fp32: unrounded.
+P_ROUNDING = {
+    "e4m3": (U, 2.0**-18),
+    "e4m3_rowmax": (U, 2.0**-10 / 448),
+    "bf16": (2.0**-8, 2.0**-133),
+    "fp16": (2.0**-11, 2.0**-25 / 256),
+    "fp32": (0.0, 0.0),
+}
+
+
+def _emulation_bound(q, k, v, p_mode, seqlen_k, head_dim):
+    """|emulated out - float64 attention of the same (dequantised) inputs|, elementwise.
+
+    The operands are exact, so the scores differ from float64 only by fp32 arithmetic:
+    (d + 4) 2**-24 c |q| |k|ᵀ for the products and scale, and 2**-22 (|s| + max |s|) for
+    exp's argument; with E_i their largest value in row i, each probability moves by a
+    factor within exp(±2 E_i). P's rounding (relative u_P, absolute a_P relative to the
+    running max, which the row sum l >= 1 normalises) moves out_id by at most
+    u_P sum_j p_ij |v_jd| + a_P sum_j |v_jd|; the fp32 sums over seqlen_k keys and the
+    rescales add (2 seqlen_k + d + 20) 2**-24 sum_j p_ij |v_jd| (the module's emulation
+    test derives the same terms)."""
+    u_p, a_p = P_ROUNDING[p_mode]
+    c = 1 / math.sqrt(head_dim)
+    qh, kh, vh = (np.repeat(x.transpose(0, 2, 1, 3), q.shape[2] // x.shape[2], axis=1) for x in (q, k, v))
+    s_abs = np.abs(c * qh @ np.swapaxes(kh, -1, -2))
+    g = (head_dim + 4) * 2.0**-24 * c * (np.abs(qh) @ np.swapaxes(np.abs(kh), -1, -2))
+    g += 2.0**-22 * (s_abs + s_abs.max(axis=-1, keepdims=True) + g)
+    grow = np.exp(2 * g.max(axis=-1, keepdims=True))
+    p = cuflash.reference.probabilities(q, k, v)
+    pv = p @ np.abs(vh)
+    fp32 = (2 * seqlen_k + head_dim + 20) * 2.0**-24
+    bound = (grow - 1 + (u_p + fp32) * grow) * pv + a_p * np.abs(vh).sum(-2, keepdims=True)
+    return bound.transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("p_mode", fp8.P_MODES)
+def test_emulated_p_modes_are_within_their_rounding_bound(p_mode):
+    """With exactly dequantised inputs as the reference's, what is left of the emulation's
+    error is P's rounding (and fp32): within each p_mode's bound, so a mode that rounded
+    P more coarsely than it says (e4m3 in place of bf16, say) would fail."""
+    rng = _rng()
+    sq, sk, h, d = 70, 300, 2, 32
+    q, k, v = (rng.standard_normal((1, s, h, d)) * 2 for s in (sq, sk, sk))
+    (q8, dq), (k8, dk), (v8, dv) = (fp8.quantize(x, "block") for x in (q, k, v))
+    qd, kd, vd = (fp8.dequantize(x8, dx, dtype=np.float64) for x8, dx in ((q8, dq), (k8, dk), (v8, dv)))
+    out, _ = fp8.emulate_forward(q8, k8, v8, dq, dk, dv, p_mode=p_mode)
+    exact, _ = cuflash.reference.forward(qd, kd, vd)
+    bound = _emulation_bound(qd, kd, vd, p_mode, sk, d)
+    err = np.abs(out - exact)
+    assert np.all(err <= bound), f"worst error / bound: {np.max(err / bound):.3f}"
+
+
+def test_rowmax_p_scaling_keeps_a_tile_far_below_the_running_max():
+    """Keys in the second 128-key tile score 20 below the first tile's max: P = e**-20
+    ~ 2e-9 there, so 256 P (5e-7) is below e4m3's smallest subnormal and flushes to 0,
+    and that tile's large v is lost; scaling by 448 over the tile's row max keeps it
+    within e4m3's relative rounding."""
+    d = 16
+    q = np.zeros((1, 1, 1, d))
+    q[..., 0] = 1.0
+    k = np.zeros((1, 256, 1, d))
+    k[:, 128:, :, 0] = -20.0 * math.sqrt(d)  # scores 0 in tile 0, -20 in tile 1
+    v = np.ones((1, 256, 1, d))
+    v[:, 128:] = 1e9  # out = (128 * 1 + 128 * e**-20 * 1e9) / 128 ~ 1 + 2.06
+    (q8, dq), (k8, dk), (v8, dv) = (fp8.quantize(x, "block") for x in (q, k, v))
+    qd, kd, vd = (fp8.dequantize(x8, dx, dtype=np.float64) for x8, dx in ((q8, dq), (k8, dk), (v8, dv)))
+    exact, _ = cuflash.reference.forward(qd, kd, vd)
+    fixed, _ = fp8.emulate_forward(q8, k8, v8, dq, dk, dv, p_mode="e4m3")
+    rowmax, _ = fp8.emulate_forward(q8, k8, v8, dq, dk, dv, p_mode="e4m3_rowmax")
+    assert exact[0, 0, 0, 0] > 3
+    np.testing.assert_allclose(fixed, 1.0, rtol=1e-6)  # tile 1 flushed: only tile 0's v = 1
+    np.testing.assert_allclose(rowmax, exact, rtol=2 * U)
+
+
+def test_emulated_v_block_size_and_channel_descale_match_the_dequantised_reference():
+    """v with 32-row scales while q and k keep 128-row ones, and v with one more scale per
+    head_dim column (applied to out's columns): the emulation computes the attention of
+    the v they stand for, within the e4m3 P bound."""
+    rng = _rng()
+    sq, sk, h, hk, d = 40, 200, 4, 2, 32
+    q = rng.standard_normal((1, sq, h, d))
+    k, v = (rng.standard_normal((1, sk, hk, d)) for _ in range(2))
+    v = v * rng.uniform(0.01, 100.0, d)  # columns of very different sizes
+    (q8, dq), (k8, dk) = (fp8.quantize(x, "block") for x in (q, k))
+    qd, kd = (fp8.dequantize(x8, dx, dtype=np.float64) for x8, dx in ((q8, dq), (k8, dk)))
+    v8, dv = fp8.quantize(v, "block", block_size=32)
+    out, _ = fp8.emulate_forward(q8, k8, v8, dq, dk, dv, v_block_size=32)
+    vd = fp8.dequantize(v8, dv, block_size=32, dtype=np.float64)
+    exact, _ = cuflash.reference.forward(qd, kd, vd)
+    assert np.all(np.abs(out - exact) <= _emulation_bound(qd, kd, vd, "e4m3", sk, d))
+    channel = (np.abs(v).max(axis=1) / fp8.E4M3_MAX).astype(np.float32)  # (1, hk, d)
+    v8 = (v / channel[:, None]).astype(E4M3)
+    out, _ = fp8.emulate_forward(q8, k8, v8, dq, dk, np.float32(1), v_channel_descale=channel)
+    vd = v8.astype(np.float64) * channel[:, None]
+    exact, _ = cuflash.reference.forward(qd, kd, vd)
+    assert np.all(np.abs(out - exact) <= _emulation_bound(qd, kd, vd, "e4m3", sk, d))
+    with pytest.raises(ValueError, match=r"v_channel_descale shape \(1, 2, 16\)"):
+        fp8.emulate_forward(q8, k8, v8, dq, dk, np.float32(1), v_channel_descale=channel[..., :16])
+    with pytest.raises(ValueError, match="p_mode='e5m2'"):
+        fp8.emulate_forward(q8, k8, v8, dq, dk, np.float32(1), p_mode="e5m2")
