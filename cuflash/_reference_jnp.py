@@ -202,9 +202,12 @@ def _scores(g: _Geometry, opts: Options):
     if opts.causal:
         allowed &= g.key <= g.aligned
     left, right = opts.window_size
-    if left >= 0:
+    # A side wider than every query-key distance bounds nothing; kept as given it would not
+    # fit the int32 positions (window_size=(2**40, 0) is valid).
+    span = g.aligned.shape[0] + g.key.shape[1] + abs(opts.position_offsets[0] - opts.position_offsets[1])
+    if 0 <= left <= span:
         allowed &= g.key >= g.aligned - left
-    if right >= 0:
+    if 0 <= right <= span:
         allowed &= g.key <= g.aligned + right
     if g.same is not None:
         allowed &= g.same

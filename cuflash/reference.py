@@ -279,9 +279,12 @@ def _scores(problem: "_Problem", seg: "_Segment", q: np.ndarray, k_rep: np.ndarr
     if opts["causal"]:
         allowed &= key <= aligned
     left, right = opts["window_size"]
-    if left >= 0:
+    # A side wider than every query-key distance bounds nothing (and kept as given it could
+    # overflow the int64 index arithmetic: window_size=(2**70, 0) is valid).
+    span = seqlen_q + seqlen_k + abs(q_start - k_start)
+    if 0 <= left <= span:
         allowed &= key >= aligned - left
-    if right >= 0:
+    if 0 <= right <= span:
         allowed &= key <= aligned + right
     # -inf, not a large negative number: exp(-inf) is exactly 0, so a masked key adds
     # nothing whatever the other scores are, and a row with no allowed key gets

@@ -297,3 +297,15 @@ def test_probabilities_on_the_host_are_the_reference_softmax():
     assert np.allclose(probs.sum(-1), 1.0)
     with pytest.raises(TypeError, match="dropout_p"):
         cuflash.probabilities(q, k, v, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("side", [2**31, 2**40, 2**70])
+def test_a_window_side_wider_than_every_distance_is_unbounded(side):
+    rng = np.random.default_rng()
+    q, k, v = (rng.standard_normal((1, 9, 2, 8)) for _ in range(3))
+    for window, same in (((side, 0), (-1, 0)), ((0, side), (0, -1)), ((side, side), (-1, -1))):
+        np.testing.assert_array_equal(cuflash.forward(q, k, v, window_size=window)[0],
+                                      cuflash.forward(q, k, v, window_size=same)[0])
+    got = cuflash.forward(q[:, :4], k, v, window_size=(side, 0), position_offsets=(32, 30))[0]
+    np.testing.assert_array_equal(got, cuflash.forward(q[:, :4], k, v, window_size=(-1, 0),
+                                                       position_offsets=(32, 30))[0])
