@@ -141,6 +141,14 @@ def cache_summary() -> CacheSummary:
     return CacheSummary(folder, cubins, size)
 
 
+def _not_a_folder(folder: Path) -> str | None:
+    """Why `folder` cannot be the cache: something other than a folder holds its name."""
+    if folder.exists() and not folder.is_dir():
+        return (f"{folder} is not a folder (a file holds its name); point CUFLASH_CACHE_DIR (or --cache-dir) "
+                "at a folder")
+    return None
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
@@ -286,6 +294,8 @@ def info(args: argparse.Namespace) -> int:
         out.append(f"{label + ':':<11} {version or 'absent (optional)'}")
     cache = cache_summary()
     state = f"{cache.cubins} cubins, {_megabytes(cache.bytes)}" if cache.folder.is_dir() else "empty (not created yet)"
+    if _not_a_folder(cache.folder):
+        state = "not a folder (a file holds its name): kernels cannot be cached there"
     source = "$CUFLASH_CACHE_DIR" if os.environ.get("CUFLASH_CACHE_DIR") else "default; set CUFLASH_CACHE_DIR to move it"
     out.append(f"cache:      {cache.folder} ({source}): {state}")
     gpus, why = find_gpus()
@@ -359,6 +369,8 @@ def prebuild(
 
     from tqdm import tqdm
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be an int >= 1 or None (every variant)")
     results: list[Built] = []
     pending = []
     for arch in arches:
@@ -431,8 +443,20 @@ def _default_arches() -> list[str]:
 
 
 def prebuild_command(args: argparse.Namespace) -> int:
+    # The arguments first, before anything looks for a GPU or NVRTC.
+    if args.jobs < 1:
+        print(f"cuflash prebuild: --jobs={args.jobs} must be at least 1", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"cuflash prebuild: --limit={args.limit} must be at least 1 (leave it out to compile every variant)",
+              file=sys.stderr)
+        return 2
     if args.cache_dir:
         os.environ["CUFLASH_CACHE_DIR"] = str(Path(args.cache_dir).resolve())  # the workers inherit it
+    problem = _not_a_folder(_build.cache_dir())
+    if problem:
+        print(f"cuflash prebuild: {problem}", file=sys.stderr)
+        return 2
     try:
         arches = [normalize_arch(a) for a in args.arch] or _default_arches()
     except ValueError as exc:
@@ -445,9 +469,6 @@ def prebuild_command(args: argparse.Namespace) -> int:
             f"(known: {', '.join(_tiles.SMEM_LIMIT)}); kernels for it still compile on first use",
             file=sys.stderr,
         )
-        return 2
-    if args.jobs < 1:
-        print(f"cuflash prebuild: --jobs={args.jobs} must be at least 1", file=sys.stderr)
         return 2
     try:
         _build.nvrtc_version()
@@ -477,6 +498,10 @@ def _is_cache_file(path: Path) -> bool:
 
 def cache_command(args: argparse.Namespace) -> int:
     folder = _build.cache_dir()
+    problem = _not_a_folder(folder)
+    if problem:
+        print(f"cuflash cache {args.action}: {problem}", file=sys.stderr)
+        return 2
     if args.action == "clear":
         removed = size = 0
         if folder.is_dir():
@@ -583,6 +608,14 @@ def check_against_float64(torch, causal: bool, head_dim: int, seed: int) -> floa
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    # The arguments first: a bad head dim is named as such on any machine, not hidden
+    # behind "no GPU".
+    head_dims = args.head_dims or QUICK_HEAD_DIMS
+    seqlens = args.seqlens or QUICK_SEQLENS
+    bad = [d for d in head_dims if d < 1 or HIDDEN % d] + [n for n in seqlens if n < 1 or TOKENS % n]
+    if bad:
+        print(f"cuflash bench: head dims must divide {HIDDEN} and seqlens {TOKENS}; got {bad}", file=sys.stderr)
+        return 2
     gpus, why = find_gpus()
     if not gpus:
         print(f"cuflash bench: no CUDA GPU here ({why}); the benchmark times the kernels on a GPU "
@@ -600,12 +633,6 @@ def bench_command(args: argparse.Namespace) -> int:
         return 2
     import cuflash.torch as cft
 
-    head_dims = args.head_dims or QUICK_HEAD_DIMS
-    seqlens = args.seqlens or QUICK_SEQLENS
-    bad = [d for d in head_dims if d < 1 or HIDDEN % d] + [n for n in seqlens if n < 1 or TOKENS % n]
-    if bad:
-        print(f"cuflash bench: head dims must divide {HIDDEN} and seqlens {TOKENS}; got {bad}", file=sys.stderr)
-        return 2
     name = torch.cuda.get_device_name()
     print(f"cuflash {__version__} against PyTorch {torch.__version__} SDPA on {name}: bf16, "
           f"batch x seqlen = {TOKENS} tokens, heads x head_dim = {HIDDEN}")

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ._options import is_real
 from ._tiles import BLOCK_SIZES
+from ._validate import ValidationError, sequence_option
 
 __all__ = [
     "BLOCK_SIZES", "BlockSparse", "compact", "num_blocks", "expand", "local_global", "strided", "document",
@@ -36,6 +38,37 @@ __all__ = [
 
 def num_blocks(seqlen: int, block: int) -> int:
     return -(-int(seqlen) // int(block))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _raise(where: str, errors: list[str]) -> None:
+    """Bad arguments of a function of this module: one ValidationError (a ValueError), as
+    every cuflash entry point raises, naming each bad value."""
+    if errors:
+        raise ValidationError(f"cuflash.block_sparse.{where}", errors, [])
+
+
+def _count_errors(**values: Any) -> list[str]:
+    """Reasons why any of `values` (name=value) is not an int >= 0."""
+    return [f"{name}={value!r} must be an int >= 0" for name, value in values.items()
+            if not _is_int(value) or value < 0]
+
+
+def _pattern_size_errors(block_size: Any) -> list[str]:
+    """The pattern helpers take any positive block size (the kernels' sizes are checked
+    where a block mask is used)."""
+    if not (isinstance(block_size, (tuple, list)) and len(block_size) == 2
+            and all(_is_int(b) and b >= 1 for b in block_size)):
+        return [f"block_size={block_size!r} must be a pair of positive ints (block_q, block_k)"]
+    return []
+
+
+def _flag_errors(**values: Any) -> list[str]:
+    return [f"{name}={value!r} must be a bool" for name, value in values.items()
+            if not isinstance(value, (bool, np.bool_))]
 
 
 def block_size_errors(block_size: Any) -> list[str]:
@@ -76,8 +109,7 @@ class BlockSparse:
             if isinstance(value, (list, tuple)):
                 errors.append(f"{name} given as a {type(value).__name__} must be an int32 array (NumPy, CuPy, "
                               "PyTorch or JAX)")
-        if errors:
-            raise ValueError("cuflash.block_sparse.BlockSparse: " + "; ".join(errors))
+        _raise("BlockSparse", errors)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -106,15 +138,25 @@ def compact(block_mask: Any, block_size: tuple[int, int], shape: tuple[int, int]
     """The compact lists of a boolean block mask (NumPy, CuPy, PyTorch or JAX; the result
     has the same library and device). `shape` = (query blocks, key blocks) broadcasts a
     mask given with size-1 block dimensions; batch and head dimensions of size 1 stay 1
-    (shared). Raises ValueError naming the bad value."""
+    (shared). Raises cuflash.ValidationError (a ValueError) naming the bad value."""
     errors = block_size_errors(block_size)
+    if isinstance(block_mask, (list, tuple)):
+        # The core's rule for a block mask given as a list: bools only, rectangular.
+        block_mask = sequence_option("block_mask", block_mask, errors)
+        if block_mask is None:
+            _raise("compact", errors)
+    if not (hasattr(block_mask, "dtype") and hasattr(block_mask, "shape")):
+        errors.append(f"block_mask must be a bool array (NumPy, CuPy, PyTorch or JAX); got {type(block_mask).__name__}")
+        _raise("compact", errors)
     xp, kind = _namespace(block_mask)
     if str(block_mask.dtype) not in ("bool", "torch.bool"):
         errors.append(f"block_mask.dtype={block_mask.dtype} must be bool (True = compute the block)")
     if not 2 <= block_mask.ndim <= 4:
         errors.append(f"block_mask must be 2-D to 4-D (batch, heads, query blocks, key blocks); got shape {tuple(block_mask.shape)}")
-    if errors:
-        raise ValueError("cuflash.block_sparse.compact: " + "; ".join(errors))
+    if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 2
+                                  and all(_is_int(s) and s >= 0 for s in shape)):
+        errors.append(f"shape={shape!r} must be a pair of ints >= 0 (query blocks, key blocks) or None")
+    _raise("compact", errors)
     mask = block_mask
     while mask.ndim < 4:
         mask = mask[None]
@@ -122,8 +164,8 @@ def compact(block_mask: Any, block_size: tuple[int, int], shape: tuple[int, int]
     if shape is not None:
         want_q, want_k = (int(s) for s in shape)
         if qb not in (1, want_q) or kb not in (1, want_k):
-            raise ValueError(f"cuflash.block_sparse.compact: block_mask shape {tuple(block_mask.shape)} does not "
-                             f"broadcast to {want_q} query blocks x {want_k} key blocks")
+            _raise("compact", [f"block_mask shape {tuple(block_mask.shape)} does not broadcast to {want_q} query "
+                               f"blocks x {want_k} key blocks (shape={tuple(shape)!r})"])
         qb, kb = want_q, want_k
     mask = _broadcast(xp, kind, mask, (b, h, qb, kb))
     kv_count, kv_index = _lists(xp, kind, mask)
@@ -133,6 +175,7 @@ def compact(block_mask: Any, block_size: tuple[int, int], shape: tuple[int, int]
 
 def expand(block_mask: np.ndarray, block_size: tuple[int, int], seqlen_q: int, seqlen_k: int) -> np.ndarray:
     """The dense element mask (..., seqlen_q, seqlen_k) of a boolean block mask (NumPy)."""
+    _raise("expand", _pattern_size_errors(block_size) + _count_errors(seqlen_q=seqlen_q, seqlen_k=seqlen_k))
     m = np.asarray(block_mask, dtype=bool)
     bq, bk = block_size
     m = np.broadcast_to(m, m.shape[:-2] + (num_blocks(seqlen_q, bq), num_blocks(seqlen_k, bk)))
@@ -153,6 +196,8 @@ def local_global(seqlen_q: int, seqlen_k: int, block_size: tuple[int, int], *, w
     diagonal, the first `global_blocks` key blocks (global tokens), and the first
     `global_blocks` query blocks see every key block. (QB, KB); with `causal`, key blocks
     after the diagonal's block are dropped (AND it with causal=True for the element mask)."""
+    _raise("local_global", _pattern_size_errors(block_size) + _flag_errors(causal=causal) + _count_errors(
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, window_blocks=window_blocks, global_blocks=global_blocks))
     qb, kb = num_blocks(seqlen_q, block_size[0]), num_blocks(seqlen_k, block_size[1])
     rows, cols = _block_centres(qb, kb, block_size)
     m = np.abs(rows - cols) <= window_blocks
@@ -167,6 +212,11 @@ def strided(seqlen_q: int, seqlen_k: int, block_size: tuple[int, int], *, stride
             causal: bool = True) -> np.ndarray:
     """Sparse Transformer (fixed/strided): each query block sees the `local_blocks` key
     blocks around its diagonal and every `stride`-th key block (summary columns)."""
+    errors = _pattern_size_errors(block_size) + _flag_errors(causal=causal) + _count_errors(
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, local_blocks=local_blocks)
+    if not _is_int(stride) or stride < 1:
+        errors.append(f"stride={stride!r} must be an int >= 1 (every stride-th key block is a summary column)")
+    _raise("strided", errors)
     qb, kb = num_blocks(seqlen_q, block_size[0]), num_blocks(seqlen_k, block_size[1])
     rows, cols = _block_centres(qb, kb, block_size)
     m = (np.abs(rows - cols) < local_blocks) | (np.arange(kb)[None, :] % stride == stride - 1)
@@ -180,10 +230,12 @@ def document(doc_lengths_q, block_size: tuple[int, int], doc_lengths_k=None, *, 
     computed when the two blocks share a document (the element mask that keeps attention
     inside each document still has to be given, e.g. as `mask` or by varlen; the block
     mask skips the work between documents)."""
-    lq = np.asarray(doc_lengths_q, dtype=np.int64)
-    lk = lq if doc_lengths_k is None else np.asarray(doc_lengths_k, dtype=np.int64)
-    if lq.shape != lk.shape:
-        raise ValueError(f"doc_lengths_q has {lq.size} documents and doc_lengths_k {lk.size}: they must match")
+    errors = _pattern_size_errors(block_size) + _flag_errors(causal=causal)
+    lq = _lengths("doc_lengths_q", doc_lengths_q, errors)
+    lk = lq if doc_lengths_k is None else _lengths("doc_lengths_k", doc_lengths_k, errors)
+    if lq is not None and lk is not None and lq.shape != lk.shape:
+        errors.append(f"doc_lengths_q has {lq.size} documents and doc_lengths_k {lk.size}: they must match")
+    _raise("document", errors)
     sq, sk = int(lq.sum()), int(lk.sum())
     bq, bk = block_size
     doc_q = np.repeat(np.arange(lq.size), lq)
@@ -204,13 +256,37 @@ def document(doc_lengths_q, block_size: tuple[int, int], doc_lengths_k=None, *, 
 def random_blocks(shape: tuple[int, ...], density: float, *, seed: int | None = None, keep_diagonal: bool = True) -> np.ndarray:
     """Each block kept with probability `density` (BigBird's random blocks), over `shape`
     (..., QB, KB); with keep_diagonal, block (r, r) is always kept."""
-    rng = np.random.default_rng(seed)
+    errors = _flag_errors(keep_diagonal=keep_diagonal)
+    if not (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(s) and s >= 0 for s in shape)):
+        errors.append(f"shape={shape!r} must be a tuple of at least two ints >= 0 (..., query blocks, key blocks)")
+    if not is_real(density) or not 0.0 <= density <= 1.0:
+        errors.append(f"density={density!r} must be a number in [0, 1] (the probability of keeping a block)")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        errors.append(f"seed={seed!r} must be an int in [0, 2**64) or None")
+    _raise("random_blocks", errors)
+    shape = tuple(int(s) for s in shape)
+    rng = np.random.default_rng(None if seed is None else int(seed))
     m = rng.random(shape) < density
     if keep_diagonal:
         qb, kb = shape[-2], shape[-1]
         idx = np.arange(min(qb, kb))
         m[..., idx, idx] = True
     return m
+
+
+def _lengths(name: str, value: Any, errors: list[str]) -> np.ndarray | None:
+    """Document lengths as int64, or None with the reason added to `errors`: a 1-D
+    sequence of ints >= 0 (a float length would be truncated, a negative one would make
+    np.repeat fail)."""
+    try:
+        given = np.asarray(value)
+    except ValueError:  # ragged nesting
+        given = None
+    if given is None or given.ndim != 1 or (given.size and given.dtype.kind not in "iu") or (
+            given.size and given.min() < 0):
+        errors.append(f"{name}={value!r} must be a 1-D sequence of ints >= 0 (document lengths)")
+        return None
+    return given.astype(np.int64)
 
 
 def _block_centres(qb: int, kb: int, block_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

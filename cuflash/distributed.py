@@ -57,6 +57,7 @@ import math
 import zlib
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -127,6 +128,27 @@ def shard_sequence(x: Tensor, rank: int, world: int, sharding: str = "contiguous
     return x.narrow(dim, rank * n, n)
 
 
+def _check_shards(where: str, shards: Sequence[Tensor], dim: int) -> None:
+    """Tensors of one rank and one shape except along `dim` (torch.cat's own error names
+    neither the argument nor the shards)."""
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, Tensor):
+            raise ValueError(f"{where}: shards[{i}] must be a torch.Tensor; got {type(shard).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{where}: dim={dim!r} must be an int")
+    first = shards[0]
+    if not -first.dim() <= dim < first.dim():
+        raise ValueError(f"{where}: dim={dim} is out of range for shards of shape {tuple(first.shape)}")
+    axis = dim % first.dim()
+
+    def others(t: Tensor) -> tuple[int, ...]:
+        return tuple(t.shape[:axis]) + tuple(t.shape[axis + 1:])
+
+    if any(s.dim() != first.dim() or others(s) != others(first) for s in shards):
+        raise ValueError(f"{where}: every shard must have the same shape except along dim {dim}; got shapes "
+                         f"{[tuple(s.shape) for s in shards]}")
+
+
 def unshard_sequence(shards: Sequence[Tensor], sharding: str = "contiguous", dim: int = 1) -> Tensor:
     """The whole sequence from every rank's chunk (in rank order)."""
     world = len(shards)
@@ -134,6 +156,7 @@ def unshard_sequence(shards: Sequence[Tensor], sharding: str = "contiguous", dim
         raise ValueError(f"unshard_sequence: sharding={sharding!r} must be one of {_cp_plan.SHARDINGS}")
     if world == 0:
         raise ValueError("unshard_sequence: shards is empty")
+    _check_shards("unshard_sequence" if sharding == "contiguous" else "zigzag_unshard", shards, dim)
     if sharding == "contiguous":
         return torch.cat(list(shards), dim)
     lengths = {s.shape[dim] for s in shards}
@@ -595,6 +618,8 @@ def ring_attention(
     options = dict(softmax_scale=softmax_scale, causal=causal, causal_alignment=causal_alignment,
                    window_size=window, softcap=softcap, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
     reasons = _local_reasons(q, k, v, alibi_slopes, placement, sharding, group, options)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        reasons.append(f"return_lse={return_lse!r} must be a bool")
     seed = _exchange(q, k, v, alibi_slopes, placement, sharding, group, options, reasons)
     if dropout_p and dropout_p > 0:
         options["seed"] = int(seed)

@@ -124,6 +124,23 @@ def _group_axes(layout: str) -> tuple[int, int, int]:
     raise ValueError(f"layout={layout!r} must be one of ('bshd', 'bhsd')")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_floating(lib: _Lib, x: Any) -> None:
+    """Quantisation scales real values: an integer array has no e4m3 meaning worth a
+    silent cast, and a complex one would lose its imaginary part."""
+    if lib.name == "torch":
+        floating = x.is_floating_point()
+    elif lib.name == "jax":
+        floating = lib.xp.issubdtype(x.dtype, lib.xp.floating)
+    else:
+        floating = x.dtype.kind == "f" or x.dtype.name == "bfloat16" or x.dtype.name.startswith("float8")
+    if not floating:
+        raise ValueError(f"x.dtype={x.dtype} must be a floating dtype (float16, bfloat16, float32 or float64)")
+
+
 def _check_block_size(block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive int (rows of one scale block)")
@@ -168,6 +185,7 @@ def quantize(x: Any, granularity: str = "block", *, block_size: int = BLOCK_ROWS
         raise ValueError(f"granularity={granularity!r} must be one of {GRANULARITIES}")
     lib = _Lib(x)
     xp = lib.xp
+    _check_floating(lib, x)
     if granularity != "tensor" and len(x.shape) != 4:
         raise ValueError(
             f"x shape {tuple(x.shape)}: granularity={granularity!r} needs a 4-D array "
@@ -224,21 +242,56 @@ def granularity_of(descale_shape_: tuple[int, ...]) -> str:
 
 def dequantize(x8: Any, descale: Any, *, layout: str = "bshd", block_size: int = BLOCK_ROWS, dtype: Any = None) -> Any:
     """x8 * descale in x8's library, float32 unless `dtype` is given (NumPy float64 is
-    exact: an e4m3 value times a float32 has at most 4 + 24 significant bits)."""
+    exact: an e4m3 value times a float32 has at most 4 + 24 significant bits).
+
+    descale's shape is checked against x8 as cuflash.forward checks it, with `block_size`
+    rows per block: a per-block descale must have ceil(seqlen / block_size) blocks, which
+    catches most block sizes other than the one `quantize` used (not one that happens to
+    give the same number of blocks)."""
     lib = _Lib(x8)
-    shape = tuple(descale.shape) if hasattr(descale, "shape") else ()
+    _group_axes(layout)
+    given = descale
+    if not hasattr(descale, "shape"):
+        try:
+            descale = np.asarray(given)
+        except ValueError:  # ragged nesting
+            descale = np.asarray(None)
+    if isinstance(descale, np.ndarray) and descale.dtype.kind not in "iuf":
+        raise ValueError(f"descale={given!r} must be a number or an array of numbers (float32, as quantize gives it)")
+    if not hasattr(given, "shape"):
+        descale = lib.array(descale.astype(np.float32), x8)
+    shape = tuple(descale.shape)
     granularity = granularity_of(shape)
-    if granularity == "unknown":
+    if granularity == "unknown" and len(x8.shape) != 4:
         raise ValueError(f"descale shape {shape} must be (), (1,), (batch, heads) or (batch, heads, blocks)")
     if granularity == "block":
         block_size = _check_block_size(block_size)
+    if granularity != "tensor":
+        rows = block_size if _is_int(block_size) and block_size >= 1 else BLOCK_ROWS
+        _check_descale_fits(shape, tuple(x8.shape), layout, int(rows))
     target = dtype if dtype is not None else (np.float32 if lib.name == "numpy" else lib.xp.float32)
-    if not hasattr(descale, "shape"):
-        descale = lib.array(np.asarray(descale, np.float32), x8)
     if shape == (1,):
         descale = descale[0]
     d = _expand(lib, lib.cast(descale, target), granularity, tuple(x8.shape), layout, block_size)
     return lib.cast(x8, target) * d
+
+
+def _check_descale_fits(shape: tuple[int, ...], x_shape: tuple[int, ...], layout: str, block_rows: int) -> None:
+    """A per-head or per-block descale against its 4-D input, by descale_errors' rule;
+    a per-block one whose block count is off most likely comes from another block_size."""
+    if len(x_shape) != 4:
+        dims = "(batch, seqlen, heads, head_dim)" if layout == "bshd" else "(batch, heads, seqlen, head_dim)"
+        raise ValueError(f"descale shape {shape} (per head or per block) needs a 4-D x8 {dims}; got shape {x_shape}")
+    b_ax, s_ax, h_ax = _group_axes(layout)
+    batch, heads, seqlen = x_shape[b_ax], x_shape[h_ax], x_shape[s_ax]
+    blocks = -(-seqlen // block_rows)
+    if len(shape) == 3 and shape[:2] == (batch, heads) and shape[2] != blocks:
+        raise ValueError(f"descale shape {shape} has {shape[2]} blocks, but block_size={block_rows} over "
+                         f"seqlen={seqlen} makes {blocks}: pass the block_size quantize used")
+    errors = descale_errors("descale", shape, None, batch=batch, heads=heads, heads_kv=heads, seqlen=seqlen,
+                            varlen=False, block_rows=block_rows)
+    if errors:
+        raise ValueError("; ".join(errors) + f" (x8 shape {x_shape}, layout={layout!r})")
 
 
 # ---- the semantics of FP8 attention calls ------------------------------------------------
@@ -288,11 +341,11 @@ def gradient_reason(name: str, obj: Any, where: str) -> str | None:
 
 
 def descale_errors(name: str, shape: tuple[int, ...] | None, dtype_name: str | None, *, batch: int, heads: int,
-                   heads_kv: int, seqlen: int, varlen: bool) -> list[str]:
+                   heads_kv: int, seqlen: int, varlen: bool, block_rows: int = BLOCK_ROWS) -> list[str]:
     """Reasons a descale of this shape and dtype does not fit its input: () or (1,); for
-    fixed-length batches also (batch, heads) and (batch, heads, ceil(seqlen/BLOCK_ROWS)),
+    fixed-length batches also (batch, heads) and (batch, heads, ceil(seqlen/block_rows)),
     where heads is the input's own head count (q may also give one per kv head: GQA groups
-    share it). float32, as the kernel reads it."""
+    share it). float32, as the kernel reads it (dtype_name None: not checked)."""
     if shape is None:
         return []
     errors = []
@@ -304,7 +357,7 @@ def descale_errors(name: str, shape: tuple[int, ...] | None, dtype_name: str | N
             errors.append(f"{name} shape {tuple(shape)}: variable-length batches take a per-tensor descale only, "
                           "shape () or (1,)")
         return errors
-    blocks = -(-seqlen // BLOCK_ROWS)
+    blocks = -(-seqlen // block_rows)
     allowed = per_tensor + ((batch, heads), (batch, heads, blocks))
     if name == "q_descale" and heads_kv != heads:
         allowed += ((batch, heads_kv),)
@@ -312,7 +365,7 @@ def descale_errors(name: str, shape: tuple[int, ...] | None, dtype_name: str | N
         spelled = ", ".join(str(a) for a in allowed)
         errors.append(
             f"{name} shape {tuple(shape)} must be one of {spelled}: per tensor, per (batch, head) or per "
-            f"{BLOCK_ROWS} rows (batch, heads, ceil(seqlen/{BLOCK_ROWS}))"
+            f"{block_rows} rows (batch, heads, ceil(seqlen/{block_rows}))"
         )
     return errors
 
@@ -340,11 +393,15 @@ def hadamard_signs(seed: int, head_dim: int) -> np.ndarray:
     """The random ±1 diagonal D of seed `seed` for head_dim (float64): a function of
     (seed, head_dim) alone, so q and k transformed with one seed get one matrix."""
     _check_power_of_two(head_dim)
+    if not _is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**64)")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), head_dim]))
     return rng.integers(0, 2, head_dim).astype(np.float64) * 2.0 - 1.0
 
 
 def _check_power_of_two(head_dim: int) -> None:
+    if not _is_int(head_dim):
+        raise ValueError(f"head_dim={head_dim!r} must be an int (a power of two)")
     if head_dim < 1 or head_dim & (head_dim - 1):
         raise ValueError(
             f"head_dim={head_dim} must be a power of two for the Hadamard transform "
@@ -361,6 +418,8 @@ def hadamard_transform(x: Any, seed: int) -> Any:
     row, in x's library and floating dtype (float8 inputs: float32)."""
     lib = _Lib(x)
     xp = lib.xp
+    if len(x.shape) < 1:
+        raise ValueError("x is 0-d: the Hadamard transform acts along the last axis (head_dim)")
     d = int(x.shape[-1])
     _check_power_of_two(d)
     if is_e4m3(x) or float8_dtype_name(x) is not None:

@@ -854,13 +854,27 @@ def flash_attn_with_kvcache(
             raise ValidationError(WHERE, ["cache_seqlens=None with new keys k: give cache_seqlens, the rows where "
                                           "k and v are appended"], [])
         cache_seqlens = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    return attention_with_kvcache(
-        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=rotary_interleaved, num_splits=num_splits, return_lse=return_softmax_lse,
-        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes,
-    )
+    try:
+        return attention_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, num_splits=num_splits,
+            return_lse=return_softmax_lse, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+            softcap=softcap, alibi_slopes=alibi_slopes,
+        )
+    except ValidationError as exc:
+        _name_as_the_caller(exc, "return_lse", "return_softmax_lse")
+        raise
+
+
+def _name_as_the_caller(exc: ValidationError, option: str, given: str) -> None:
+    """Rename `option` to `given` (the drop-in's name for it, which the caller wrote) in
+    exc's reasons and message, in place, so that the error names what was passed."""
+    prefix = option + "="
+    if not any(r.startswith(prefix) for r in exc.reasons):
+        return
+    exc.reasons = [given + r[len(option):] if r.startswith(prefix) else r for r in exc.reasons]
+    exc.args = (str(exc).replace("\n  - " + prefix, "\n  - " + given + "="),) + exc.args[1:]
 
 
 __all__ += ["flash_attn_with_kvcache"]

@@ -45,10 +45,31 @@ from typing import Any, Optional
 import torch
 
 from . import torch as cuflash_torch
+from ._options import _is_int
+from ._validate import ValidationError, check_options
 
 __all__ = ["DEFAULT_NAME", "attention_forward", "register"]
 
 DEFAULT_NAME = "cufa"
+_WHERE = "cuflash.transformers.attention_forward"
+# transformers' names for the core's options, so that an error names what the model passed.
+_RENAMED = {"dropout_p": "dropout", "softmax_scale": "scaling", "causal": "is_causal"}
+# Option sets already judged valid (as in cuflash.torch: the check is ~10 us of Python per
+# layer call, the lookup ~2 us); bounded, a model uses one or two.
+_valid_options: dict[tuple, Any] = {}
+_MAX_VALID_OPTIONS = 64
+
+
+def _checked_options(**scalars: Any):
+    """The scalar options by the core's rules (cuflash._validate.check_options), named as
+    transformers names them in an error."""
+    key = None if torch.compiler.is_compiling() else cuflash_torch._options_key(scalars)
+    found = None if key is None else _valid_options.get(key)
+    if found is None:
+        found = check_options(_WHERE, _RENAMED, **scalars)
+        if key is not None and len(_valid_options) < _MAX_VALID_OPTIONS:
+            _valid_options[key] = found
+    return found
 
 # Substrings by which transformers routes an implementation name elsewhere, with why.
 _ROUTED = (
@@ -99,13 +120,26 @@ def attention_forward(
                 f"cuflash attention: {name} is not supported (got a {type(kwargs[name]).__name__}); "
                 "use attn_implementation='eager' for this model"
             )
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # The options are judged by the core's rules before any of them is converted (a
+    # bool("no") or float("x") here would run with another value, or fail unclearly).
+    reasons = []
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        reasons.append(f"attention_mask must be a torch.Tensor or None; got {type(attention_mask).__name__}")
+    if sliding_window is not None and not _is_int(sliding_window):
+        reasons.append(f"sliding_window={sliding_window!r} must be an int or None")
+    try:
+        opts = _checked_options(dropout_p=dropout, softmax_scale=scaling, softcap=softcap, causal=is_causal)
+    except ValidationError as exc:
+        reasons = exc.reasons + reasons
+    if reasons:
+        raise ValidationError(_WHERE, reasons, [])
     cast = _autocast_dtype(query.device.type)
     if cast is not None and query.is_floating_point():
         query, key, value = (t if t.dtype == cast else t.to(cast) for t in (query, key, value))
 
     q_len, kv_len = query.shape[2], key.shape[2]
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
     bias = mask = None
     window = (-1, -1)
     if attention_mask is not None:
@@ -119,7 +153,7 @@ def attention_forward(
             bias = attention_mask.detach()
         causal = False
     else:
-        causal = bool(is_causal) and q_len > 1
+        causal = opts.causal and q_len > 1
         if causal and kv_len > q_len:
             # Causal without a mask and more keys than queries only happens for a prefill
             # into an empty static cache: the trailing keys are empty slots, and SDPA's
@@ -130,8 +164,8 @@ def attention_forward(
             window = (int(sliding_window) - 1, -1)
     out = cuflash_torch.attention(
         query, key, value, bias=bias, mask=mask, causal=causal, causal_alignment="top_left",
-        window_size=window, softcap=float(softcap) if softcap else 0.0,
-        dropout_p=float(dropout) if dropout else 0.0, softmax_scale=scaling, layout="bhsd",
+        window_size=window, softcap=float(opts.softcap), dropout_p=float(opts.dropout_p),
+        softmax_scale=opts.softmax_scale, layout="bhsd",
     )
     # (batch, heads, q_len, dim) -> (batch, q_len, heads, dim). When q is a head-transposed
     # view of (batch, q_len, heads, dim) memory (a projection viewed per head), so is out,

@@ -173,7 +173,7 @@ def _compare_float64(result: dict) -> str | None:
 
 
 BAD_INPUTS = ("mismatched_chunk_lengths", "zigzag_odd_chunk", "one_rank_on_meta_device", "mismatched_dtype",
-              "mismatched_options", "unknown_placement")
+              "mismatched_options", "unknown_placement", "return_lse_not_a_bool")
 
 
 def run_bad_input(kind: str, rank: int, world: int, device: torch.device) -> str | None:
@@ -197,10 +197,13 @@ def run_bad_input(kind: str, rank: int, world: int, device: torch.device) -> str
         kwargs = dict(causal=True)
     if kind == "unknown_placement":
         placement = "spiral"
+    if kind == "return_lse_not_a_bool":
+        kwargs = dict(return_lse="no")  # bool("no") is True: it must not be taken as a request for the lse
     expected = {"mismatched_chunk_lengths": "seqlen_local differs", "zigzag_odd_chunk": "must be even",
                 "one_rank_on_meta_device": "not supported", "mismatched_dtype": "dtype differs",
                 "mismatched_options": "options", "unknown_placement": "placement='spiral'",
-                "gloo_group_with_cuda_tensors": "need an NCCL process group"}[kind]
+                "gloo_group_with_cuda_tensors": "need an NCCL process group",
+                "return_lse_not_a_bool": "return_lse='no' must be a bool"}[kind]
     q = torch.randn(shape["q"], dtype=dtype, device=dev)
     k = torch.randn(shape["kv"], dtype=dtype, device=dev)
     try:

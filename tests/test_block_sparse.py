@@ -273,6 +273,60 @@ def test_bad_compact_lists_are_named():
         block_sparse.compact(np.ones((3, 3), bool), (48, 64))
 
 
+ONE_BLOCK = np.ones((1, 1), bool)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: block_sparse.compact([[1, 0]], (64, 64)), "block_mask given as a list holds int64 values"),
+    (lambda: block_sparse.compact("ab", (64, 64)), "block_mask must be a bool array (NumPy, CuPy, PyTorch or JAX)"),
+    (lambda: block_sparse.compact(np.ones(3, bool), (64, 64)), "must be 2-D to 4-D"),
+    (lambda: block_sparse.compact(ONE_BLOCK, (64, 64), shape=(-1, 2)), "shape=(-1, 2) must be a pair of ints >= 0"),
+    (lambda: block_sparse.compact(ONE_BLOCK, (64, 64), shape="ab"), "shape='ab' must be a pair of ints >= 0"),
+    (lambda: block_sparse.compact(np.ones((3, 2), bool), (64, 64), shape=(2, 2)),
+     "block_mask shape (3, 2) does not broadcast"),
+    (lambda: block_sparse.compact(np.ones((1, 1), np.int32), (48, 64)), "block_size=(48, 64)"),
+    (lambda: block_sparse.expand(np.ones((2, 2), bool), (0, 64), 128, 128),
+     "block_size=(0, 64) must be a pair of positive ints"),
+    (lambda: block_sparse.expand(np.ones((2, 2), bool), (64, 64), -1, 128), "seqlen_q=-1 must be an int >= 0"),
+    (lambda: block_sparse.local_global(256, 256, (64, 0)), "block_size=(64, 0) must be a pair of positive ints"),
+    (lambda: block_sparse.local_global(-5, 256, (64, 64)), "seqlen_q=-5 must be an int >= 0"),
+    (lambda: block_sparse.local_global(256, 256, (64, 64), window_blocks=1.5), "window_blocks=1.5 must be an int >= 0"),
+    (lambda: block_sparse.strided(256, 256, (64, 64), stride=0), "stride=0 must be an int >= 1"),
+    (lambda: block_sparse.strided(256, 256, (64, 64), causal="no"), "causal='no' must be a bool"),
+    (lambda: block_sparse.document([100, -5], (64, 64)), "doc_lengths_q=[100, -5] must be a 1-D sequence of ints >= 0"),
+    (lambda: block_sparse.document([100.5, 20], (64, 64)), "doc_lengths_q=[100.5, 20] must be a 1-D sequence"),
+    (lambda: block_sparse.document([100, 20], (64, 64), [50, 2.5]), "doc_lengths_k=[50, 2.5]"),
+    (lambda: block_sparse.document([100, 20], (64, 64), [50]), "doc_lengths_q has 2 documents and doc_lengths_k 1"),
+    (lambda: block_sparse.random_blocks((2, 2), 2.0), "density=2.0 must be a number in [0, 1]"),
+    (lambda: block_sparse.random_blocks((2, 2), float("nan")), "density=nan must be a number in [0, 1]"),
+    (lambda: block_sparse.random_blocks((2, 2), "0.5"), "density='0.5' must be a number in [0, 1]"),
+    (lambda: block_sparse.random_blocks((2, 2), 0.5, seed=-1), "seed=-1 must be an int in [0, 2**64)"),
+    (lambda: block_sparse.random_blocks((2, 2), 0.5, seed=1.5), "seed=1.5 must be an int in [0, 2**64)"),
+    (lambda: block_sparse.random_blocks((-2, 2), 0.5), "shape=(-2, 2) must be a tuple of at least two ints >= 0"),
+])
+def test_bad_arguments_of_the_helpers_are_named_as_validation_errors(call, words):
+    """Every function of cuflash.block_sparse raises what the rest of cuflash raises for bad
+    input (cuflash.ValidationError, a ValueError) naming the value, before any work: no
+    ZeroDivisionError, no NumPy error, no silently wrong pattern."""
+    with pytest.raises(cuflash.ValidationError) as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_helpers_take_what_they_took_before():
+    """Valid spellings keep working: a list mask of bools, NumPy ints, an empty document
+    list, a density of 0 or 1 and a NumPy seed."""
+    _check_lists(block_sparse.compact([[True, False]], (64, 64), shape=(np.int64(3), 2)),
+                 np.broadcast_to(np.array([[True, False]]), (1, 1, 3, 2)).copy())
+    assert block_sparse.local_global(np.int64(256), 256, [np.int64(64), 64]).shape == (4, 4)
+    assert block_sparse.document([], (64, 64)).shape == (0, 0)
+    assert block_sparse.document(np.array([64, 0, 64]), (64, 64)).shape == (2, 2)
+    assert not block_sparse.random_blocks((3, 3), 0, keep_diagonal=False).any()
+    assert block_sparse.random_blocks((3, 3), 1.0).all()
+    np.testing.assert_array_equal(block_sparse.random_blocks((4, 4), 0.5, seed=np.uint64(3)),
+                                  block_sparse.random_blocks((4, 4), 0.5, seed=3))
+
+
 # ---- patterns ------------------------------------------------------------------------------
 
 

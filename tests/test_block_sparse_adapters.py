@@ -88,6 +88,22 @@ def test_torch_block_size_without_mask_is_named():
         ct.attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), block_size=SIZE)
 
 
+def test_torch_bad_boolean_block_mask_is_a_validation_error():
+    """The adapter compacts a boolean block mask itself; what compact refuses reaches the
+    caller as the cuflash.ValidationError every entry point raises, naming the value."""
+    import torch
+
+    import cuflash
+    import cuflash.torch as ct
+
+    q, k, v, blocks = _problem(batch=1)
+    args = (torch.tensor(q), torch.tensor(k), torch.tensor(v))
+    with pytest.raises(cuflash.ValidationError, match=r"block_mask.dtype=torch.int32 must be bool"):
+        ct.attention(*args, block_mask=torch.tensor(blocks[:1]).to(torch.int32), block_size=SIZE)
+    with pytest.raises(cuflash.ValidationError, match=r"block_size=\(100, 128\)"):
+        ct.attention(*args, block_mask=torch.tensor(blocks[:1]), block_size=(100, 128))
+
+
 # ---- JAX ------------------------------------------------------------------------------------
 
 

@@ -135,6 +135,43 @@ def test_cache_clear_removes_only_what_cuflash_wrote(cache, capsys):
     assert [p.name for p in cache.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_prebuild_limit_below_one_is_refused_before_anything_compiles(cache, capsys, limit):
+    """--limit -1 sliced the variant list to all but one and compiled those."""
+    assert _cli.main(["prebuild", "sm_80", "--limit", limit, "--no-progress"]) == 2
+    assert f"--limit={limit} must be at least 1" in capsys.readouterr().err
+    assert not cache.exists()
+    with pytest.raises(ValueError, match=r"limit=-1 must be an int >= 1 or None"):
+        _cli.prebuild(["sm_80"], 1, -1, progress=False)
+
+
+@pytest.mark.parametrize("argv", [["cache", "show"], ["cache", "clear"], ["prebuild", "sm_80", "--no-progress"]])
+def test_a_file_in_place_of_the_cache_folder_is_named(cache, capsys, argv):
+    cache.write_text("not a folder")
+    assert _cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{cache} is not a folder" in err and "0 cubins" not in err
+    assert cache.read_text() == "not a folder"
+
+
+def test_info_says_the_cache_folder_is_a_file(cache, capsys):
+    cache.write_text("not a folder")
+    assert _cli.main(["info"]) == 0
+    assert f"cache:      {cache} ($CUFLASH_CACHE_DIR): not a folder" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, bad", [(["--head-dims", "0"], "[0]"), (["--head-dims", "-64"], "[-64]"),
+                                       (["--head-dims", "48"], "[48]"), (["--seqlens", "0"], "[0]")])
+def test_bench_names_bad_arguments_before_looking_for_a_gpu(monkeypatch, capsys, argv, bad):
+    def no_search():
+        raise AssertionError("bench looked for a GPU before checking its arguments")
+
+    monkeypatch.setattr(_cli, "find_gpus", no_search)
+    assert _cli.main(["bench", "--quick", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"got {bad}" in err and "no CUDA GPU" not in err
+
+
 @no_gpu
 def test_bench_without_a_gpu_fails_with_a_clear_message(capsys):
     assert _cli.main(["bench", "--quick"]) == 2

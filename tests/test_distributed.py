@@ -122,6 +122,13 @@ def test_zigzag_shard_holds_chunks_r_and_2w_minus_1_minus_r():
     (lambda: cp.zigzag_shard(torch.zeros(1, 8), 2, 2), r"rank=2 must be in \[0, world=2\)"),
     (lambda: cp.shard_sequence(torch.zeros(1, 8), 0, 2, "striped"), r"sharding='striped'"),
     (lambda: cp.zigzag_unshard([torch.zeros(1, 3), torch.zeros(1, 3)]), r"same even length"),
+    (lambda: cp.unshard_sequence([torch.zeros(1, 4, 16), torch.zeros(1, 4, 8)]),
+     r"unshard_sequence: every shard must have the same shape except along dim 1; got shapes "
+     r"\[\(1, 4, 16\), \(1, 4, 8\)\]"),
+    (lambda: cp.zigzag_unshard([torch.zeros(1, 4, 16), torch.zeros(2, 4, 16)]), r"zigzag_unshard: every shard must"),
+    (lambda: cp.unshard_sequence([torch.zeros(1, 4), torch.zeros(1, 4, 1)]), r"same shape except along dim 1"),
+    (lambda: cp.unshard_sequence([torch.zeros(1, 4)], dim=2), r"dim=2 is out of range for shards of shape \(1, 4\)"),
+    (lambda: cp.unshard_sequence([torch.zeros(1, 4), None]), r"shards\[1\] must be a torch.Tensor; got NoneType"),
 ])
 def test_shard_helpers_reject_bad_splits(call, match):
     with pytest.raises(ValueError, match=match):

@@ -96,6 +96,53 @@ def test_bad_arguments_are_named():
         fp8.hadamard_transform(np.ones((2, 48)), 0)
 
 
+def test_dequantize_checks_the_descale_against_its_input():
+    """A descale that does not fit x8 is named, as cuflash.forward names it, instead of
+    broadcasting to another batch; a per-block descale made with another block_size is
+    caught whenever its block count differs."""
+    x = np.random.default_rng(5).standard_normal((1, 8, 2, 16))
+    x8, blocks = fp8.quantize(x, "block", block_size=4)
+    np.testing.assert_allclose(fp8.dequantize(x8, blocks, block_size=4), x, rtol=2**-4, atol=2**-10 * blocks.max())
+    with pytest.raises(ValueError, match=r"descale shape \(2, 2\) must be one of \(\), \(1,\), \(1, 2\), \(1, 2, 2\)"):
+        fp8.dequantize(x8, np.ones((2, 2), np.float32), block_size=4)
+    with pytest.raises(ValueError, match=r"has 2 blocks, but block_size=8 over seqlen=8 makes 1: pass the block_size"):
+        fp8.dequantize(x8, blocks, block_size=8)
+    with pytest.raises(ValueError, match=r"has 2 blocks, but block_size=128 over seqlen=8 makes 1"):
+        fp8.dequantize(x8, blocks)
+    with pytest.raises(ValueError, match=r"descale shape \(1, 2\) \(per head or per block\) needs a 4-D x8"):
+        fp8.dequantize(x8[0], np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"descale='a' must be a number or an array of numbers"):
+        fp8.dequantize(x8, "a")
+    with pytest.raises(ValueError, match=r"layout='xx' must be one of"):
+        fp8.dequantize(x8, 0.5, layout="xx")
+    # What fits is taken as before: scalars, lists, per head, the block size quantize used.
+    assert fp8.dequantize(x8, [0.5]).shape == x.shape
+    np.testing.assert_array_equal(fp8.dequantize(x8, 0.5), x8.astype(np.float32) * np.float32(0.5))
+    _, heads = fp8.quantize(x, "head")
+    assert fp8.dequantize(x8, heads).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.bool_])
+def test_quantize_takes_floating_inputs_only(dtype):
+    with pytest.raises(ValueError, match=rf"x.dtype={np.dtype(dtype)} must be a floating dtype"):
+        fp8.quantize(np.ones((1, 4, 2, 8), dtype), "tensor")
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", None, True, 2**64, 2**70])
+def test_hadamard_seed_must_be_an_int_in_range(seed):
+    with pytest.raises(ValueError, match=rf"seed={seed!r} must be an int in \[0, 2\*\*64\)"):
+        fp8.hadamard_transform(np.ones((2, 16)), seed)
+
+
+def test_hadamard_names_a_0d_input_and_a_non_int_head_dim():
+    with pytest.raises(ValueError, match=r"x is 0-d"):
+        fp8.hadamard_transform(np.float64(1.0), 0)
+    with pytest.raises(ValueError, match=r"head_dim=16.0 must be an int"):
+        fp8.hadamard_signs(0, 16.0)
+    np.testing.assert_array_equal(fp8.hadamard_signs(np.uint64(2**64 - 1), np.int64(16)),
+                                  fp8.hadamard_signs(2**64 - 1, 16))
+
+
 @pytest.mark.parametrize("granularity", fp8.GRANULARITIES)
 def test_torch_and_jax_quantize_like_numpy(granularity):
     torch = pytest.importorskip("torch")

@@ -560,7 +560,9 @@ def test_torch_drop_in_passes_options_to_the_core_unchanged():
                            (dict(num_splits=2.7), r"num_splits=2.7 must be an int"),
                            (dict(num_splits=True), r"num_splits=True must be an int"),
                            (dict(rotary_interleaved="no"), r"rotary_interleaved='no' must be a bool"),
-                           (dict(return_softmax_lse="no"), r"return_lse='no' must be a bool"),
+                           (dict(return_softmax_lse="no"), r"\n  - return_softmax_lse='no' must be a bool"),
+                           (dict(return_softmax_lse=1, causal="no"),
+                            r"causal='no' must be a bool(.|\n)*return_softmax_lse=1 must be a bool"),
                            (dict(cache_seqlens=None), r"cache_seqlens=None with new keys k")):
         kc0 = kc.clone()
         with pytest.raises(cuflash.ValidationError, match=match):

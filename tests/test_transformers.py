@@ -26,11 +26,13 @@ the loss counts real tokens only, so gradients are comparable everywhere.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
 import cuflash.transformers as cft  # noqa: E402
 
@@ -217,6 +219,41 @@ def test_additive_float_mask_is_an_additive_bias(name):
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed, scale=0.3)
     assert weights is None and out.shape == (2, 6, 4, 16)
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(dropout="x"), "dropout='x' must satisfy 0 <= dropout_p < 1"),
+    (dict(dropout=1.5), "dropout=1.5 must satisfy"),
+    (dict(scaling="a"), "scaling='a' must be a finite number"),
+    (dict(softcap="1"), "softcap='1' must be a finite number >= 0"),
+    (dict(is_causal="no"), "is_causal='no' must be a bool"),
+    (dict(sliding_window="3"), "sliding_window='3' must be an int or None"),
+    (dict(sliding_window=2.5), "sliding_window=2.5 must be an int or None"),
+    (dict(attention_mask=np.ones((1, 1, 5, 5), bool)),
+     "attention_mask must be a torch.Tensor or None; got ndarray"),
+])
+def test_bad_options_are_judged_by_the_cores_rules_and_named_as_transformers_names_them(kwargs, words):
+    """The attention function takes what cuflash.attention takes: no bool("no") turned
+    causal, no float("x") crash, no numpy mask reaching .detach(); the error names the
+    argument as the model passed it."""
+    q = torch.randn(1, 2, 5, 16)
+    kwargs.setdefault("attention_mask", None)
+    with pytest.raises(cuflash.ValidationError) as info:
+        cft.attention_forward(torch.nn.Module(), q, q, q, **kwargs)
+    assert words in str(info.value) and "cuflash.transformers.attention_forward" in str(info.value)
+
+
+def test_numpy_scalars_and_none_options_are_taken_as_before():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    module = torch.nn.Module()
+    got, _ = cft.attention_forward(module, q, k, v, None, dropout=None, scaling=np.float64(0.25),
+                                   sliding_window=np.int64(3), softcap=np.float32(2.0), is_causal=np.bool_(True))
+    want, _ = cft.attention_forward(module, q, k, v, None, dropout=0.0, scaling=0.25, sliding_window=3,
+                                    softcap=2.0, is_causal=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain, _ = cft.attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)
+    assert not torch.equal(got, plain)  # the window and the soft-cap were applied
 
 
 # ---------------------------------------------------------------------------------------
