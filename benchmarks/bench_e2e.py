@@ -227,6 +227,16 @@ def _measure_host_us(system: str, compiled: bool, device: str, dtype: torch.dtyp
 # ---- the GPT rows -----------------------------------------------------------------------------
 
 
+def time_step(row: dict, step: Callable[[], Any], args, device: str) -> None:
+    """Warm up, then the step's median time and its profiler breakdown into `row`."""
+    for _ in range(args.warmup):
+        step()
+    timer = Timer(device)
+    timer.sync()
+    row["step_ms"] = timer.median_ms(step, args.steps)
+    row.update(profile(step, args.profile_steps, device))
+
+
 def make_gpt(cfg: dict, system: str, device: str, compiled: bool, scope: str, state: dict | None) -> nn.Module:
     torch.manual_seed(0)
     model = GPT(cfg["layers"], cfg["d"], cfg["heads"], cfg["seqlen"], cfg["vocab"], attention_fn(system)).to(device)
@@ -300,12 +310,7 @@ def gpt_rows(args, cfg: dict, device: str, autocast_dtype, results: dict, save: 
                             if bad:
                                 raise RuntimeError(f"losses {losses} disagree with sdpa_default's {reference_losses} "
                                                    f"(rtol {args.loss_rtol})")
-                        for _ in range(args.warmup):
-                            step()
-                        timer = Timer(device)
-                        timer.sync()
-                        row["step_ms"] = timer.median_ms(step, args.steps)
-                        row.update(profile(step, args.profile_steps, device))
+                        time_step(row, step, args, device)
                     del model, step
                     fwd, bwd = host_us(system, compiled, device, autocast_dtype or torch.float32, args.host_calls)
                     row["host_us_per_call"], row["host_us_bwd_per_call"] = fwd, bwd
@@ -362,12 +367,7 @@ def llama_rows(args, cfg: dict, device: str, dtype, results: dict, save: Callabl
                 reference_loss = loss
             elif not math.isfinite(loss) or abs(loss - reference_loss) > args.loss_rtol * abs(reference_loss):
                 raise RuntimeError(f"loss {loss} disagrees with sdpa's {reference_loss} (rtol {args.loss_rtol})")
-            for _ in range(args.warmup):
-                step()
-            timer = Timer(device)
-            timer.sync()
-            row["step_ms"] = timer.median_ms(step, args.steps)
-            row.update(profile(step, args.profile_steps, device))
+            time_step(row, step, args, device)
             del model, step
             fwd, bwd = host_us(system, False, device, dtype, args.host_calls)
             row["host_us_per_call"], row["host_us_bwd_per_call"] = fwd, bwd

@@ -132,15 +132,11 @@ def poison_outputs() -> None:
     _interop.empty, _fast.empty = poisoned, poisoned_fast
 
 
-def run_correctness(dog: Watchdog) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import cupy
-    from test_kernels_gpu import case_seed, run_case
+def record_kernel_files() -> list[str]:
+    """Make cuflash's module loader note the kernel file of every module it hands out;
+    returns the list it appends to (which family really ran)."""
+    from cuflash import _build
 
-    from cuflash import _build, _fast, _tiles
-
-    poison_outputs()
-    _tiles.FWD_FAMILY = "ws"
     files: list[str] = []
     real_module = _build.module
 
@@ -149,6 +145,19 @@ def run_correctness(dog: Watchdog) -> int:
         return real_module(variant, device_index)
 
     _build.module = recording
+    return files
+
+
+def run_correctness(dog: Watchdog) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cupy
+    from test_kernels_gpu import case_seed, run_case
+
+    from cuflash import _fast, _tiles
+
+    poison_outputs()
+    _tiles.FWD_FAMILY = "ws"
+    files = record_kernel_files()
     failed = 0
     from cuflash import _launch
 
@@ -264,7 +273,7 @@ def run_features(dog: Watchdog) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import cuflash
-    from cuflash import _build, _fast, _tiles
+    from cuflash import _fast, _tiles
 
     b, n, h, d = 4, 4096, 16, 128
     gen = torch.Generator(device="cuda").manual_seed(11)
@@ -285,14 +294,7 @@ def run_features(dog: Watchdog) -> int:
     # SDPA given the same mask, bias or dropout (softcap and ALiBi: no such option, not timed)
     theirs = {"plain": {}, "key_padding": {"attn_mask": keep_keys}, "dense_bias": {"attn_mask": dense},
               "dropout": {"dropout_p": 0.1}}
-    files: list[str] = []
-    real_module = _build.module
-
-    def recording(variant, device_index):
-        files.append(variant.kernel_file)
-        return real_module(variant, device_index)
-
-    _build.module = recording
+    files = record_kernel_files()
     _tiles.FWD_FAMILY = "ws"
     for feature in FEATURES:
         row = {"feature": feature}
@@ -328,18 +330,22 @@ def run_features(dog: Watchdog) -> int:
     return 0
 
 
+def fmt(x, spec="{:10.0f}"):
+    """x in spec's width, or a right-aligned "-" where there is no number."""
+    return spec.format(x) if isinstance(x, (int, float)) else " " * (len(spec.format(0.0)) - 1) + "-"
+
+
+def ratio(a, b):
+    """a / b where both are numbers and b is not 0, else None."""
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
 def print_features(rows: list[dict]) -> None:
     print("\nfeatures: bf16 forward, batch 4, seqlen 4k, 16 heads, d=128, not causal: ms, x plain (over the ws "
           "plain kernel), and SDPA's time over ws (> 1: ws faster) given the same mask or bias")
     print(f"{'feature':>12} {'ws ms':>8} {'x plain':>8} {'portable':>9} {'x plain':>8} {'cudnn ms':>9} {'eff ms':>8}"
           f" {'cudnn/ws':>9} {'eff/ws':>7}")
     plain = next((r.get("ws") for r in rows if r.get("feature") == "plain"), None)
-
-    def fmt(x, spec):
-        return spec.format(x) if isinstance(x, (int, float)) else " " * (len(spec.format(0.0)) - 1) + "-"
-
-    def ratio(a, b):
-        return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
     for r in rows:
         if "hang" in r:
@@ -437,12 +443,6 @@ def main() -> int:
           "(ws_pers: the same kernel on one block per SM)")
     print(f"{'d':>4} {'seqlen':>6} {'causal':>6} " + " ".join(f"{s[:10]:>10}" for s in systems)
           + f" {'ws/cudnn':>9} {'pers/cudnn':>10} {'ws/sm90':>8} {'ws/fa2':>7}")
-
-    def fmt(x, spec="{:10.0f}"):
-        return spec.format(x) if isinstance(x, (int, float)) else " " * (len(spec.format(0.0)) - 1) + "-"
-
-    def ratio(a, b):
-        return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
     for r in table:
         if "hang" in r:
